@@ -1,0 +1,3 @@
+from dwf.cli import app
+
+app()

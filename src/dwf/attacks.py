@@ -1,0 +1,141 @@
+"""White-box L-inf attacks as pure functions (DESIGN.md, contracts).
+
+Every attack takes images in [0, 1] and epsilons/step sizes in [0, 1] pixel units, projects onto
+the eps-ball around the clean image and clamps to [0, 1] after every step, takes input gradients
+with `torch.autograd.grad` (no parameter `.grad` is written), never changes `model.training`
+(the caller owns the mode), and is seeded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example loss (N,)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin: best wrong logit minus true logit (> 0 means misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return wrong - true
+
+
+def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference-of-logits-ratio loss (Croce & Hein 2020), scale invariant; larger is stronger."""
+    top = logits.sort(dim=1, descending=True).values
+    denom = top[:, 0] - top[:, 2] + 1e-12
+    return margin(logits, y) / denom
+
+
+LOSSES: dict[str, Loss] = {"ce": cross_entropy, "margin": margin, "dlr": dlr}
+
+
+def _check_budget(eps: float, alpha: float | None = None) -> None:
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps must be in [0, 1] (pixel units), got {eps}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (pixel units), got {alpha}")
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-example loss w.r.t. x, and the per-example loss itself."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        loss = loss_fn(model(x), y)  # (N,)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad, loss.detach()
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+         loss: str = "ce") -> torch.Tensor:
+    """Fast gradient sign method (paper eq. 3): x + eps * sign(grad), clamped to [0, 1].
+
+    Args:
+        model: classifier on [0, 1] images returning logits.
+        x: clean images (N, C, H, W) in [0, 1]; y: labels (N,).
+        eps: L-inf budget in pixel units.
+        loss: name in LOSSES.
+    Returns:
+        adversarial images, detached.
+    """
+    _check_budget(eps)
+    grad, _ = _input_grad(model, x, y, LOSSES[loss])
+    return _project(x + eps * grad.sign(), x, eps).detach()
+
+
+def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+             steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss
+             ) -> torch.Tensor:
+    """One PGD run (paper eqs. 4-5) from a uniform random start in the ball, or from x."""
+    x_adv = x.detach().clone()
+    if random_start and eps > 0:
+        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+        x_adv = _project(x + (2 * noise - 1) * eps, x, eps)
+    for _ in range(steps):
+        grad, _ = _input_grad(model, x_adv, y, loss_fn)
+        x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
+    return x_adv
+
+
+@torch.no_grad()
+def attack_score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str = "ce"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (misclassified, loss): the order in which adversarial examples are ranked."""
+    logits = model(x_adv)
+    return logits.argmax(1) != y, LOSSES[loss](logits, y)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+        steps: int, restarts: int = 1, random_start: bool = True, seed: int | None = None,
+        loss: str = "ce") -> torch.Tensor:
+    """Projected gradient descent with restarts, keeping the worst case per example.
+
+    Restart r draws its random start from seed + r, so `pgd(..., restarts=1, seed=s + r)`
+    reproduces restart r alone. Across restarts, an example keeps the restart that misclassifies
+    it, and among equals the one with the highest loss. With one restart the last iterate is
+    returned without the extra ranking forward pass (the training hot path).
+
+    Args:
+        model: classifier on [0, 1] images returning logits.
+        x: clean images in [0, 1]; y: labels.
+        eps, alpha: L-inf budget and step size in pixel units.
+        steps: iterations per restart.
+        restarts: number of runs; random_start: start uniformly in the ball (else at x).
+        seed: seed of the random starts (None: torch's global generator).
+        loss: name in LOSSES.
+    Returns:
+        adversarial images, detached.
+    """
+    _check_budget(eps, alpha)
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}")
+    loss_fn = LOSSES[loss]
+    best, best_wrong, best_loss = None, None, None
+    for r in range(restarts):
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(seed + r)
+        x_adv = _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn)
+        if restarts == 1:
+            return x_adv.detach()
+        wrong, value = attack_score(model, x_adv, y, loss)
+        if best is None:
+            best, best_wrong, best_loss = x_adv, wrong, value
+            continue
+        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
+        best = torch.where(better.view(-1, 1, 1, 1), x_adv, best)
+        best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
+    return best.detach()

@@ -1,0 +1,1 @@
+"""Defenses: how each model is built and trained. One file per defense."""

@@ -1,0 +1,135 @@
+"""DWF (section 4): expert pretraining (Algorithms 1-2) and joint end-to-end training (Alg. 3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dwf import attacks, checkpoint, models
+from dwf.config import TrainConfig
+from dwf.runtime import choice
+from dwf.train import Recipe, crafting, fit
+
+# ---------------------------------------------------------------- recipes (one batch each)
+
+
+def benign_batch(model, x, y, cfg: TrainConfig, rng):
+    """Benign expert: clean images."""
+    return x, y
+
+
+def _fgsm_view(model, x, y, cfg: TrainConfig, rng):
+    eps = choice(cfg.fgsm_eps, rng)  # Alg. 1: eps ~ Random{0.01, ..., 0.09} per batch
+    with crafting(model, cfg.attack_bn):
+        return attacks.fgsm(model, x, y, eps=eps)
+
+
+def _pgd_view(model, x, y, cfg: TrainConfig, rng):
+    steps = choice(cfg.pgd_steps, rng)  # Alg. 2: iterations ~ Random{10, ..., 50} per batch
+    with crafting(model, cfg.attack_bn):
+        # "No random restarts are used during training": start at x
+        return attacks.pgd(model, x, y, eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=steps,
+                           random_start=False)
+
+
+def fgsm_batch(model, x, y, cfg: TrainConfig, rng):
+    """FGSM expert (Alg. 1): trained on FGSM images only."""
+    return _fgsm_view(model, x, y, cfg, rng), y
+
+
+def pgd_batch(model, x, y, cfg: TrainConfig, rng):
+    """PGD expert (Alg. 2): trained on PGD images only."""
+    return _pgd_view(model, x, y, cfg, rng), y
+
+
+def joint_batch(model, x, y, cfg: TrainConfig, rng):
+    """Alg. 3: [clean, FGSM, PGD] crafted through the whole mixture, labels repeated."""
+    x_fgsm = _fgsm_view(model, x, y, cfg, rng)
+    x_pgd = _pgd_view(model, x, y, cfg, rng)
+    return torch.cat([x, x_fgsm, x_pgd]), torch.cat([y, y, y])  # (3N, C, H, W), (3N,)
+
+
+EXPERT_RECIPES: dict[str, Recipe] = {"benign": benign_batch, "fgsm": fgsm_batch, "pgd": pgd_batch}
+
+# ---------------------------------------------------------------- stages
+
+
+def resume_path(out: Path) -> Path:
+    """Where a stage keeps its per-epoch checkpoint while it runs (git-ignored: *.resume)."""
+    return out.with_name(out.name + ".resume")
+
+
+def _finish(out: Path, model: nn.Module, meta: dict[str, Any], cfg: TrainConfig, seed: int,
+            history: list) -> None:
+    checkpoint.save(out, {**meta, "state_dict": model.state_dict(), "epoch": cfg.epochs,
+                          "config": {"train": dataclasses.asdict(cfg), "seed": seed},
+                          "history": history})
+    resume_path(out).unlink(missing_ok=True)
+
+
+def train_expert(kind: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConfig,
+                 arch_kwargs: dict[str, Any], dataset: str, seed: int, flip: bool,
+                 crop_padding: int, out: Path, device: torch.device, progress: bool = True
+                 ) -> list[dict]:
+    """Pretrain one expert (benign, fgsm or pgd) and write its checkpoint to `out`.
+
+    Args:
+        kind: recipe name in EXPERT_RECIPES.
+        x, y: uint8 training images (N, 3, 32, 32) and labels.
+        arch_kwargs: ResNet18 arguments (num_classes, width, mean, std).
+        seed: seeds the initialization and every random draw of training.
+    Returns:
+        per-epoch history.
+    """
+    if kind not in EXPERT_RECIPES:
+        raise ValueError(f"unknown expert kind {kind!r}; choose one of {', '.join(EXPERT_RECIPES)}")
+    torch.manual_seed(seed)
+    model = models.build("resnet18", **arch_kwargs).to(device)
+    meta = {"arch": "resnet18", "arch_kwargs": arch_kwargs, "dataset": dataset,
+            "defense": f"dwf_expert_{kind}"}
+    history = fit(model, EXPERT_RECIPES[kind], x, y, cfg=cfg, seed=seed, flip=flip,
+                  crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
+                  device=device, progress=progress, desc=f"{out.stem} ({kind})")
+    _finish(out, model, meta, cfg, seed, history)
+    return history
+
+
+def build_mixture(expert_paths: Sequence[Path], *, router_hidden: Sequence[int], seed: int,
+                  dataset: str) -> tuple[models.SoftMoE, dict[str, Any]]:
+    """The paper's SoftMoE from pretrained experts and a freshly initialized router."""
+    ckpts = [checkpoint.load(p) for p in expert_paths]
+    kwargs = ckpts[0]["arch_kwargs"]
+    for p, c in zip(expert_paths, ckpts):
+        if c["arch"] != "resnet18" or c["arch_kwargs"] != kwargs:
+            raise checkpoint.CheckpointError(f"{p}: expert architecture differs from {expert_paths[0]}")
+        if c.get("dataset") != dataset:
+            raise checkpoint.CheckpointError(f"{p}: trained on {c.get('dataset')!r}, not {dataset!r}")
+    arch_kwargs = {"n_experts": len(ckpts), "expert": kwargs, "router_hidden": tuple(router_hidden),
+                   "input_shape": (3, 32, 32)}
+    torch.manual_seed(seed)  # the router's initialization
+    moe = models.build("softmoe", **arch_kwargs)
+    for expert, p, c in zip(moe.experts, expert_paths, ckpts):
+        expert.load_state_dict(checkpoint.model_from(c, p).state_dict())
+    return moe, arch_kwargs
+
+
+def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, *,
+                cfg: TrainConfig, router_hidden: Sequence[int], dataset: str, seed: int,
+                flip: bool, crop_padding: int, out: Path, device: torch.device,
+                progress: bool = True) -> list[dict]:
+    """Alg. 3: the experts, unfrozen, and a fresh router trained end to end on mixed batches."""
+    moe, arch_kwargs = build_mixture(expert_paths, router_hidden=router_hidden, seed=seed,
+                                     dataset=dataset)
+    moe = moe.to(device)
+    meta = {"arch": "softmoe", "arch_kwargs": arch_kwargs, "dataset": dataset, "defense": "dwf",
+            "experts": [str(p) for p in expert_paths]}
+    history = fit(moe, joint_batch, x, y, cfg=cfg, seed=seed, flip=flip,
+                  crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
+                  device=device, progress=progress, desc=f"{out.stem} (joint)")
+    _finish(out, moe, meta, cfg, seed, history)
+    return history

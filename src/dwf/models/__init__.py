@@ -1,0 +1,31 @@
+"""Model registry: a checkpoint names its architecture and arguments; `build` rebuilds it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from dwf.models.moe import Router, SoftMoE
+from dwf.models.resnet import Normalize, ResNet18
+
+__all__ = ["ARCHITECTURES", "build", "Normalize", "ResNet18", "Router", "SoftMoE"]
+
+
+def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 128),
+             input_shape=(3, 32, 32)) -> SoftMoE:
+    experts = [ResNet18(**expert) for _ in range(n_experts)]
+    return SoftMoE(experts, expert["mean"], expert["std"], router_hidden, input_shape)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": ResNet18,
+    "softmoe": _softmoe,
+}
+
+
+def build(arch: str, **kwargs: Any) -> nn.Module:
+    """Build a registered architecture from plain arguments (as stored in checkpoints)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](**kwargs)

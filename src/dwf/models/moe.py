@@ -1,0 +1,70 @@
+"""The paper's soft-gated mixture: y = sum_i w_i(x) f_i(x) (eq. 1) with an MLP router (eq. 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dwf.models.resnet import Normalize
+
+
+class Router(nn.Module):
+    """Gate of section 4: flatten -> 1024 -> ReLU -> 512 -> ReLU -> 128 -> ReLU -> n -> softmax.
+
+    Args:
+        in_features: flattened input size (3 * 32 * 32).
+        n_experts: number of gate outputs.
+        hidden: hidden layer sizes (the paper's 1024, 512, 128).
+    """
+
+    def __init__(self, in_features: int, n_experts: int, hidden: Sequence[int] = (1024, 512, 128)):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [nn.Linear(in_features, h), nn.ReLU()]
+            in_features = h
+        layers.append(nn.Linear(in_features, n_experts))
+        self.scores = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.scores(x), dim=-1)  # (N, E), positive, rows sum to 1
+
+
+class SoftMoE(nn.Module):
+    """Soft mixture of experts: every expert runs, logits are mixed by the router's weights.
+
+    The router sees the same normalized image as the experts. `forward` returns only the
+    mixed logits, so any attack library can use the model as a plain classifier; the gate
+    is exposed through `gate_weights` and `expert_logits` for analysis and gate-aware attacks.
+
+    Args:
+        experts: classifiers taking [0, 1] images and returning (N, C) logits.
+        mean, std: statistics for the router's input normalization.
+        router_hidden: the router's hidden sizes.
+        input_shape: (C, H, W) of the images.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],
+                 router_hidden: Sequence[int] = (1024, 512, 128),
+                 input_shape: Sequence[int] = (3, 32, 32)):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.normalize = Normalize(mean, std)
+        n_in = 1
+        for s in input_shape:
+            n_in *= s
+        self.router = Router(n_in, len(self.experts), router_hidden)
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Router weights w(x), shape (N, E)."""
+        return self.router(self.normalize(x))
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's logits f_i(x), shape (N, E, C)."""
+        return torch.stack([f(x) for f in self.experts], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate_weights(x)  # (N, E)
+        return torch.einsum("ne,nec->nc", w, self.expert_logits(x))  # (N, C)

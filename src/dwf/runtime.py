@@ -1,0 +1,42 @@
+"""Device choice, determinism switches and seed derivation, in one place."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (or the device asked for)."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_determinism() -> None:
+    """Everything PyTorch needs for bit-reproducible runs (CPU and CUDA).
+
+    CUBLAS_WORKSPACE_CONFIG must be set before the first cuBLAS call, so the CLI calls this
+    before touching CUDA; the Dockerfile sets it too.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def derive_seed(base: int, *keys: int | str) -> int:
+    """A 31-bit seed for (base, run, role ...): distinct streams, stable across machines."""
+    spawn = tuple(k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys)
+    ss = np.random.SeedSequence(entropy=base, spawn_key=spawn)
+    return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def choice(options, generator: torch.Generator):
+    """One element of `options`, drawn uniformly with a torch generator (so it is checkpointed)."""
+    return options[int(torch.randint(len(options), (1,), generator=generator))]

@@ -1,0 +1,143 @@
+"""The training loop every defense shares: SGD + cosine annealing per iteration (Table 5),
+whole-batch augmentation on the device, a checkpoint after every epoch, exact resume.
+
+A defense supplies a *recipe*: `recipe(model, x, y, cfg, rng) -> (inputs, targets)` turns a
+clean augmented batch into the batch the model is trained on (e.g. FGSM images, or the
+paper's [clean, FGSM, PGD] triple). All randomness (data order, augmentation, attack draws)
+comes from one CPU generator whose state is checkpointed, so a resumed run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dwf import checkpoint
+from dwf.config import TrainConfig
+from dwf.data import augment, batch_indices, to_unit
+
+Recipe = Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainConfig, torch.Generator],
+                  tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def crafting(model: nn.Module, bn_mode: str):
+    """BatchNorm mode while a recipe crafts attacks: 'eval' uses running statistics and leaves
+    them untouched; 'train' uses batch statistics (and updates the running ones)."""
+    was_training = model.training
+    model.train(bn_mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _cosine(total_steps: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _first_bad(model: nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def fit(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.Tensor, *,
+        cfg: TrainConfig, seed: int, flip: bool, crop_padding: int, resume_path: Path,
+        meta: dict[str, Any], device: torch.device, progress: bool = True,
+        desc: str = "train") -> list[dict[str, float]]:
+    """Train `model` in place with `recipe`; returns per-epoch history.
+
+    Args:
+        model: the network, already initialized (seeded by the caller) and on `device`.
+        recipe: builds the trained batch from a clean augmented batch.
+        x_train: uint8 images (N, 3, H, W) (any device); y_train: labels (N,).
+        cfg: the stage's TrainConfig.
+        seed: seeds the generator of data order, augmentation and attack draws.
+        flip, crop_padding: augmentation.
+        resume_path: checkpoint written after every epoch and resumed from if present
+            with the same config and meta; removed by the caller when the stage is done.
+        meta: extra fields stored in every checkpoint (arch, arch_kwargs, dataset ...).
+    """
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(batch_indices(len(x_train), cfg.batch_size, shuffle=False, drop_last=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
+    config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
+    history: list[dict[str, float]] = []
+    start = _resume(resume_path, config, model, opt, sched, rng, history)
+
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        # running sums stay on the device: no host synchronization inside the step loop
+        t0, seen = time.perf_counter(), 0
+        total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        batches = batch_indices(len(x_train), cfg.batch_size, shuffle=True, generator=rng, drop_last=True)
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, mininterval=1.0)
+        for step, idx in enumerate(bar):
+            x = augment(to_unit(x_train[idx]), flip=flip, padding=crop_padding, generator=rng)
+            inputs, targets = recipe(model, x, y_train[idx], cfg, rng)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            if not torch.isfinite(loss):  # one sync per step; a NaN must stop before the update
+                raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "
+                                    f"last good checkpoint: {resume_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(targets)
+            correct += (logits.detach().argmax(1) == targets).sum()
+            seen += len(targets)
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{float(total) / seen:.3f}", refresh=False)
+        bad = _first_bad(model)
+        if bad is not None:
+            raise TrainingError(f"{desc}: non-finite weight {bad!r} after epoch {epoch + 1}; "
+                                f"last good checkpoint: {resume_path}")
+        history.append({"epoch": epoch + 1, "loss": float(total) / seen, "acc": int(correct) / seen,
+                        "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        if progress:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
+                       f"acc {history[-1]['acc']:.4f} ({history[-1]['seconds']:.1f} s)")
+        checkpoint.save(resume_path, {
+            **meta, "config": config, "epoch": epoch + 1, "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": rng.get_state(), "history": history})
+    return history
+
+
+def _resume(path: Path, config: dict, model: nn.Module, opt, sched, rng: torch.Generator,
+            history: list) -> int:
+    """Restore everything from `path` if it belongs to this run; return the epoch to start at."""
+    if not path.is_file():
+        return 0
+    ckpt = checkpoint.load(path)
+    if ckpt.get("config") != config:
+        tqdm.write(f"{path}: written with other settings; starting afresh")
+        return 0
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    rng.set_state(ckpt["rng"])
+    history.extend(ckpt["history"])
+    tqdm.write(f"{path}: resuming after epoch {ckpt['epoch']}")
+    return int(ckpt["epoch"])
