@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -56,6 +57,18 @@ def _context(params_path: Path, dataset: str, overrides: list[str] | None, devic
     return params, params.profile(dataset), pick_device(device)
 
 
+def _write_json(path: Path, obj) -> None:
+    from dwf.checkpoint import atomic_write
+
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    """The training curve as a DVC plot; wall times left out so reruns are byte-identical."""
+    _write_json(path, [{k: v for k, v in h.items() if k != "seconds"} for h in history])
+
+
 def _arch(dataset: str, profile) -> dict:
     from dwf.data import NUM_CLASSES, mean_std
 
@@ -80,9 +93,11 @@ def download(dataset: DatasetOpt = "digits", params: ParamsOpt = Path("params.ya
 def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. benign, fgsm_0, pgd_3")],
                  dataset: DatasetOpt = "digits", run: RunOpt = 0,
                  out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
+                 history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                  device: DeviceOpt = None, quiet: QuietOpt = False):
     """Pretrain one expert (Algorithms 1-2) on the training split."""
+    from dwf import paths
     from dwf.config import expert_kind
     from dwf.data import load_split
     from dwf.defenses.dwf import train_expert as train
@@ -92,10 +107,12 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
     if expert not in p.experts:
         _fail(f"--expert: {expert!r} is not in params experts ({', '.join(p.experts)})")
     x, y = load_split(dataset, Path(p.data_root), "train")
-    out = out or Path(f"models/{dataset}/run{run}/{expert}.pt")
-    train(expert_kind(expert), x, y, cfg=prof.expert, arch_kwargs=_arch(dataset, prof),
-          dataset=dataset, seed=derive_seed(p.seed + run, dataset, "expert", expert),
-          flip=prof.flip, crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
+    out = out or paths.expert(dataset, run, expert)
+    curve = train(expert_kind(expert), x, y, cfg=prof.expert, arch_kwargs=_arch(dataset, prof),
+                  dataset=dataset, seed=derive_seed(p.seed + run, dataset, "expert", expert),
+                  flip=prof.flip, crop_padding=prof.crop_padding, out=out, device=dev,
+                  progress=not quiet)
+    _write_history(history or paths.history(dataset, run, expert), curve)
     typer.echo(f"wrote {out}")
 
 
@@ -104,46 +121,162 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
 def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
                 experts_dir: Annotated[Optional[Path], typer.Option(help="folder of expert checkpoints")] = None,
                 out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
+                history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
                 params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 device: DeviceOpt = None, quiet: QuietOpt = False):
     """Train the mixture end to end on [clean, FGSM, PGD] batches (Algorithm 3)."""
+    from dwf import paths
     from dwf.data import load_split
     from dwf.defenses.dwf import train_joint as train
     from dwf.runtime import derive_seed
 
     p, prof, dev = _context(params, dataset, set_, device)
-    folder = experts_dir or Path(f"models/{dataset}/run{run}")
-    paths = [folder / f"{name}.pt" for name in p.experts]
+    folder = experts_dir or paths.expert(dataset, run, "benign").parent
+    experts = [folder / f"{name}.pt" for name in p.experts]
     x, y = load_split(dataset, Path(p.data_root), "train")
-    out = out or folder / "dwf.pt"
-    train(paths, x, y, cfg=prof.joint, router_hidden=prof.router_hidden, dataset=dataset,
-          seed=derive_seed(p.seed + run, dataset, "joint"), flip=prof.flip,
-          crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
+    out = out or paths.model(dataset, run, "dwf")
+    curve = train(experts, x, y, cfg=prof.joint, router_hidden=prof.router_hidden, dataset=dataset,
+                  seed=derive_seed(p.seed + run, dataset, "joint"), flip=prof.flip,
+                  crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
+    _write_history(history or paths.history(dataset, run, "dwf"), curve)
     typer.echo(f"wrote {out}")
 
 
 @app.command()
 @stage
-def evaluate(checkpoint: Annotated[Path, typer.Option(help="model checkpoint")],
-             out: Annotated[Path, typer.Option(help="metrics JSON to write")],
+def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet18_fgsm_at, "
+                                                    "resnet18_pgd_at, trades, soe, advmoe")],
+          dataset: DatasetOpt = "digits", run: RunOpt = 0,
+          out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
+          history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+          device: DeviceOpt = None, quiet: QuietOpt = False):
+    """Train one system the paper compares against, with its settings (baselines.NAME)."""
+    from dwf import paths
+    from dwf.data import load_split
+    from dwf.defenses import DEFENSES, train_defense
+    from dwf.runtime import derive_seed
+
+    p, prof, dev = _context(params, dataset, set_, device)
+    if defense not in DEFENSES:
+        _fail(f"--defense: {defense!r} is not one of {', '.join(DEFENSES)}")
+    cfg = prof.baselines.get(defense)
+    x, y = load_split(dataset, Path(p.data_root), "train")
+    out = out or paths.model(dataset, run, defense)
+    curve = train_defense(defense, x, y, cfg=cfg, arch_kwargs=_arch(dataset, prof), dataset=dataset,
+                          seed=derive_seed(p.seed + run, dataset, "defense", defense), flip=prof.flip,
+                          crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
+    _write_history(history or paths.history(dataset, run, defense), curve)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@stage
+def evaluate(model_name: Annotated[str, typer.Option(
+                 "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+             checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
+             external: Annotated[Optional[str], typer.Option(
+                 help="evaluate a public classifier instead: torchvision name or timm:NAME")] = None,
+             weights: Annotated[Optional[Path], typer.Option(help="--external's state dict file")] = None,
+             surrogate: Annotated[Optional[list[Path]], typer.Option(
+                 help="checkpoint to transfer attacks from, e.g. an undefended ResNet-18")] = None,
+             out: Annotated[Optional[Path], typer.Option(help="metrics JSON to write")] = None,
              dataset: DatasetOpt = "digits", run: RunOpt = 0,
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
              device: DeviceOpt = None, quiet: QuietOpt = False):
-    """Run the paper's attack protocol (Table 4) and write a metrics file."""
-    from dwf.checkpoint import atomic_write, load_model
+    """Run the paper's attack protocol (Table 4), the stronger attacks, AutoAttack and the audit
+    (as params switch on) and write a metrics file. An interrupted run resumes (OUT.resume/)."""
+    from dwf import paths
+    from dwf.checkpoint import load_model
     from dwf.data import load_split
+    from dwf.defenses.external import load_external
     from dwf.evaluate import evaluate as run_protocol
     from dwf.runtime import derive_seed
 
     p, prof, dev = _context(params, dataset, set_, device)
+    out = out or paths.evaluation(dataset, run, model_name)
+    if external:
+        if weights is None or checkpoint is not None:
+            _fail("--external needs --weights (a state dict file) and no --checkpoint")
+        arch = _arch(dataset, prof)
+        model = load_external(external, weights, num_classes=arch["num_classes"], mean=arch["mean"],
+                              std=arch["std"], device=dev)
+        checkpoint = weights
+    else:
+        checkpoint = checkpoint or paths.model(dataset, run, model_name)
+        model = load_model(checkpoint, dev, dataset=dataset)
+    x, y = load_split(dataset, Path(p.data_root), "test")
+    state = out.with_name(out.name + ".resume")  # per-batch results while it runs (git-ignored)
+    metrics = run_protocol(model, x, y, cfg=prof.evaluate, seed=derive_seed(p.seed + run, dataset, "evaluate"),
+                           device=dev, progress=not quiet, state=state,
+                           sources=_transfer_sources(checkpoint, surrogate or [], dev, dataset))
+    metrics["checkpoint"] = str(checkpoint)
+    if external:
+        metrics["external"] = external
+    _write_json(out, metrics)
+    shutil.rmtree(state, ignore_errors=True)
+    failed = [k for k, c in metrics.get("audit", {}).items() if not c["pass"]]
+    typer.echo(f"wrote {out}: clean {metrics['clean']:.2f}%, worst case {metrics['worst_case']:.2f}%"
+               + (f"; audit failed: {', '.join(failed)}" if failed else ""))
+
+
+def _transfer_sources(checkpoint: Path, surrogates: list[Path], device, dataset: str) -> dict:
+    """Models to transfer attacks from: the --surrogate checkpoints and, for a mixture, its
+    pretrained experts where their files exist (the joint stage changed the experts inside it)."""
+    from dwf.checkpoint import CheckpointError, load, load_model
+
+    try:
+        experts = [Path(e) for e in load(checkpoint).get("experts", [])]
+    except CheckpointError:  # an external model's weights: no dwf metadata
+        experts = []
+    paths = {f"surrogate_{Path(s).stem}": Path(s) for s in surrogates}
+    paths |= {f"pretrained_{e.stem}": e for e in experts if e.is_file()}
+    return {name: load_model(path, device, dataset=dataset) for name, path in paths.items()}
+
+
+@app.command()
+@stage
+def audit(model_name: Annotated[str, typer.Option(
+              "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+          checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
+          out: Annotated[Optional[Path], typer.Option(help="audit JSON to write")] = None,
+          dataset: DatasetOpt = "digits", run: RunOpt = 0,
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+          device: DeviceOpt = None):
+    """Check a model and the attacks for gradient masking and bugs (Carlini et al. 2019)."""
+    from dwf import paths
+    from dwf.checkpoint import load_model
+    from dwf.data import load_split
+    from dwf.evaluate import run_audit
+    from dwf.runtime import derive_seed
+
+    p, prof, dev = _context(params, dataset, set_, device)
+    checkpoint = checkpoint or paths.model(dataset, run, model_name)
     model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
-    metrics = run_protocol(model, x, y, cfg=prof.evaluate, seed=derive_seed(p.seed + run, dataset, "evaluate"),
-                           device=dev, progress=not quiet)
-    metrics["checkpoint"] = str(checkpoint)
-    text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    typer.echo(f"wrote {out}: clean {metrics['clean']:.2f}%, worst case {metrics['worst_case']:.2f}%")
+    checks = run_audit(model, x, y, cfg=prof.evaluate, device=dev,
+                       seed=derive_seed(p.seed + run, dataset, "evaluate"))
+    for name, c in checks.items():
+        typer.echo(f"{'pass' if c['pass'] else 'FAIL'}  {name}: {json.dumps(c['value'])}")
+    if out is not None:
+        _write_json(out, {"checkpoint": str(checkpoint), "audit": checks})
+
+
+@app.command()
+@stage
+def aggregate(params: ParamsOpt = Path("params.yaml"),
+              summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
+              reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
+    """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper."""
+    from dwf.config import load_params
+    from dwf.report import aggregate as collect, table as render, write_reports
+
+    p = load_params(params)
+    result = collect(p.datasets, p.runs, p.evaluate_models)
+    _write_json(summary, result)
+    write_reports(result, reports)
+    typer.echo(render(result, "table2") + "\n" + render(result, "table3"))
+    typer.echo(f"wrote {summary} and {reports}/")
 
 
 @app.command()
@@ -153,6 +286,37 @@ def table(metrics: Annotated[list[Path], typer.Argument(help="metrics JSON files
     from dwf.report import accuracy_table
 
     typer.echo(accuracy_table({m.stem: json.loads(m.read_text()) for m in metrics}))
+
+
+@app.command()
+@stage
+def bench(device: DeviceOpt = None,
+          width: Annotated[Optional[int], typer.Option(min=1, help="expert width (default: 64 on cuda, 8 on cpu)")] = None,
+          batch: Annotated[Optional[int], typer.Option(min=1, help="images per view (default: 128 on cuda, 32 on cpu)")] = None,
+          pgd_steps: Annotated[Optional[int], typer.Option(min=1, help="PGD iterations per timed step")] = None,
+          repeats: Annotated[Optional[int], typer.Option(min=1, help="timed calls per step")] = None,
+          out: Annotated[Path, typer.Option(help="metrics JSON to write")] = Path("metrics/bench.json")):
+    """Images/s and FLOP/s of the 9-expert mixture, reference vs optimized; projected hours."""
+    import dataclasses
+
+    from dwf.bench import DEFAULTS, run, table
+    from dwf.runtime import configure_determinism, pick_device
+
+    configure_determinism()  # measure what training runs
+    dev = pick_device(device)
+    sizes = {"width": width, "batch": batch, "pgd_steps": pgd_steps, "repeats": repeats}
+    cfg = dataclasses.replace(DEFAULTS.get(dev.type, DEFAULTS["cpu"]),
+                              **{k: v for k, v in sizes.items() if v is not None})
+    typer.echo(f"bench on {dev}: 9 experts of width {cfg.width}, batch {cfg.batch} per view, "
+               f"PGD-{cfg.pgd_steps}, best of {cfg.repeats}")
+    result = run(dev, cfg)
+    _write_json(out, result)
+    peak = result["matmul_flop_per_s"]
+    typer.echo(table(result))
+    typer.echo("matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
+               + "; projected paper pipeline (width 64, at these FLOP/s): "
+               + ", ".join(f"{k} {h:.0f} h" for k, h in result["projected_hours"].items()))
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -20,6 +20,8 @@ DATASETS = ("cifar10", "svhn", "digits")
 EXPERT_KINDS = ("benign", "fgsm", "pgd")
 BN_MODES = ("eval", "train")
 NORMALIZATIONS = ("correct", "paper")
+AUTOATTACK_VERSIONS = ("standard", "plus")
+ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.md
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,87 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AdvTrainConfig(TrainConfig):
+    """FGSM-AT / PGD-AT (section 5): a fraction of every batch replaced by its attacked images.
+
+    FGSM-AT draws eps from fgsm_eps; PGD-AT uses pgd_eps, pgd_alpha and steps from pgd_steps.
+    """
+
+    adv_fraction: float = 0.5        # "half of each training batch"
+    random_start: bool = False       # PGD-AT start: uniform in the ball, or at x
+
+    def __post_init__(self):
+        super().__post_init__()
+        _in_unit(self, "adv_fraction")
+
+
+@dataclass(frozen=True)
+class TradesConfig(TrainConfig):
+    """TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean); PGD on the KL term."""
+
+    beta: float = 6.0
+    start_std: float = 0.001         # Gaussian start of the KL attack, pixel units (TRADES code)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.beta >= 0 and self.start_std >= 0, "beta", "beta >= 0 and start_std >= 0")
+
+
+@dataclass(frozen=True)
+class SoEConfig(TrainConfig):
+    """SoE (Cui et al. 2022): sub-models with confidence heads, PGD on the whole ensemble."""
+
+    n_submodels: int = 3
+    confidence_weight: float = 1.0   # lambda of the confidence-head loss (official: 1.0)
+    random_start: bool = False       # training PGD start (official default: at x)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "n_submodels")
+        _check(self.confidence_weight >= 0, "confidence_weight", "a value >= 0")
+
+
+@dataclass(frozen=True)
+class ADVMoEConfig(TradesConfig):
+    """ADVMoE (Zhang et al. 2023): MoE convolutions, alternating expert and router TRADES steps."""
+
+    n_experts: int = 2
+    ratio: float = 0.5               # expert width as a fraction of the dense layer's
+    router_lr: float = 0.1           # official code: the model's lr (its --router-lr is unused)
+    router_width: int = 16           # router CNN: ResNet-20-like, stages of w, 2w, 4w
+    router_blocks: int = 3           # blocks per router stage (3 = ResNet-20)
+    router_objective: str = "official"  # "official": alpha*CE(router, y mod E) + beta*KL; "paper"
+    router_alpha: float = 6.0        # weight of the official router CE term
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "n_experts", "router_lr", "router_width", "router_blocks")
+        _check(0 < self.ratio <= 1, "ratio", f"a value in (0, 1], got {self.ratio}")
+        _choice(self.router_objective, "router_objective", ROUTER_OBJECTIVES)
+        _check(self.router_alpha >= 0, "router_alpha", "a value >= 0")
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Settings of every system the paper compares against, by defense name (docs/baselines.md)."""
+
+    resnet18: TrainConfig | None = None
+    resnet18_fgsm_at: AdvTrainConfig | None = None
+    resnet18_pgd_at: AdvTrainConfig | None = None
+    trades: TradesConfig | None = None
+    soe: SoEConfig | None = None
+    advmoe: ADVMoEConfig | None = None
+
+    def get(self, name: str) -> TrainConfig:
+        """The settings of defense `name`; ConfigError if the profile has none."""
+        names = [f.name for f in dataclasses.fields(self)]
+        _choice(name, "baselines", tuple(names))
+        if getattr(self, name) is None:
+            raise ConfigError(f"baselines.{name}: no settings for this defense in the profile")
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """The paper's test protocol (Table 4)."""
 
@@ -65,10 +148,24 @@ class EvalConfig:
     ms_steps: int = 100              # multi-step PGD: 100 iterations ...
     ms_restarts: int = 3             # ... 3 random restarts
     adaptive_steps: int = 100        # "adaptive" PGD-100 through the whole mixture, EoT = 1
+    # beyond the paper (evaluation issue): stronger attacks, AutoAttack and the audit
+    strong: bool = True              # DLR/margin PGD, gate and single-expert PGD, transfer attacks
+    strong_steps: int = 100
+    strong_restarts: int = 1
+    autoattack: bool = True          # official AutoAttack at pgd_eps on the first autoattack_n
+    autoattack_n: int = 0            # 0 = every evaluated example
+    autoattack_version: str = "standard"
+    audit: bool = True               # gradient-masking and attack sanity checks (dwf.audit)
+    audit_n: int = 1000              # first-N examples the audit attacks (0 = all)
+    square_queries: int = 5000       # Square attack queries in the audit (AutoAttack: 5000)
 
     def __post_init__(self):
         _check(self.n_examples >= 0, "n_examples", "an integer >= 0 (0 = all)")
-        _positive(self, "batch_size", "ms_steps", "ms_restarts", "adaptive_steps")
+        _check(self.autoattack_n >= 0, "autoattack_n", "an integer >= 0 (0 = all)")
+        _check(self.audit_n >= 0, "audit_n", "an integer >= 0 (0 = all)")
+        _choice(self.autoattack_version, "autoattack_version", AUTOATTACK_VERSIONS)
+        _positive(self, "batch_size", "ms_steps", "ms_restarts", "adaptive_steps", "strong_steps",
+                  "strong_restarts", "square_queries")
         _in_unit(self, "pgd_eps", "pgd_alpha")
         _nonempty(self, "fgsm_eps", "pgd_steps")
         for e in self.fgsm_eps:
@@ -87,6 +184,7 @@ class Profile:
     flip: bool = False               # horizontal flip augmentation (CIFAR-10 only)
     crop_padding: int = 4            # random-crop padding in pixels
     router_hidden: tuple[int, ...] = (1024, 512, 128)
+    baselines: Baselines = field(default_factory=Baselines)
 
     def __post_init__(self):
         _positive(self, "width")
@@ -100,15 +198,17 @@ class Params:
     """The whole params.yaml."""
 
     seed: int
-    runs: int
+    runs: tuple[int, ...]            # run indices; run r derives its seeds from seed + r
     datasets: tuple[str, ...]
     experts: tuple[str, ...]
     profiles: dict[str, Profile]
+    evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
     data_root: str = "data"
 
     def __post_init__(self):
-        _positive(self, "runs")
-        _nonempty(self, "datasets", "experts")
+        _nonempty(self, "runs", "datasets", "experts", "evaluate_models")
+        _check(all(r >= 0 for r in self.runs) and len(set(self.runs)) == len(self.runs), "runs",
+               f"distinct run indices >= 0, got {list(self.runs)}")
         for d in self.datasets:
             _choice(d, "datasets", DATASETS)
             _check(d in self.profiles, "datasets", f"a section '{d}:' for every listed dataset")
@@ -206,7 +306,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = typing.get_args(hint)[0]
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict or origin in (types.UnionType, typing.Union):
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or len(inner) != 1:
+            return value
+        return _coerce(value, inner[0], key)  # Optional[X]: validated as X
+    if origin is dict:
         return value
     if hint is bool:
         if not isinstance(value, bool):

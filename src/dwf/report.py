@@ -1,25 +1,210 @@
-"""Tables from metrics files."""
+"""Aggregation over runs (mean, std, 95% interval) and the paper's tables and figures.
+
+Reads the per-run metrics files the evaluate stage writes and produces:
+metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex} (RA-PGD),
+reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, and reports/comparison.md,
+which sets our numbers beside the paper's printed ones (src/dwf/paper_values.yaml).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+from scipy import stats
 
-def _columns(metrics: dict[str, Any]) -> list[tuple[str, float]]:
-    """(column, accuracy) pairs of one metrics dict, in the paper's order."""
-    cols = [("clean", metrics["clean"])]
-    cols += [(f"FGSM {k}", v) for k, v in metrics.get("fgsm", {}).items()]
-    cols += [(f"PGD-{k}", v) for k, v in metrics.get("pgd", {}).items()]
-    cols += [(k.replace("_", " "), v) for k, v in metrics.items()
-             if k.startswith("pgd") and isinstance(v, (int, float))]
-    cols.append(("worst case", metrics["worst_case"]))
-    return cols
+from dwf import paths
+
+LABELS = {
+    "dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)", "resnet18": "ResNet-18",
+    "resnet18_fgsm_at": "ResNet-18 (FGSM-AT)", "resnet18_pgd_at": "ResNet-18 (PGD-AT)",
+    "trades": "ResNet-18 (TRADES)", "soe": "SoE", "advmoe": "ADVMoE",
+}
+DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (embedded demo)"}
+SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight"}
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a metrics dict as {'fgsm/0.01': 52.1, 'clean': 91.2, ...}."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if not prefix and k in SKIP:
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample std and the half-width of the 95% t-interval over runs."""
+    a = np.asarray(values, dtype=float)
+    n = len(a)
+    std = float(a.std(ddof=1)) if n > 1 else 0.0
+    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean": round(float(a.mean()), 4), "std": round(std, 4), "ci95": round(ci, 4), "n": n}
+
+
+def aggregate(datasets, runs, models) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{dataset: {model: {metric: spread}}} over the runs' metrics files (missing files fail)."""
+    summary: dict = {}
+    for d in datasets:
+        for m in models:
+            per_run = []
+            for r in runs:
+                path = paths.evaluation(d, r, m)
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: missing; run `dwf evaluate --dataset {d} --run {r} --model {m}`")
+                per_run.append(flatten(json.loads(path.read_text())))
+            keys = [k for k in per_run[0] if all(k in p for p in per_run)]
+            summary.setdefault(d, {})[m] = {k: spread([p[k] for p in per_run]) for k in keys}
+    return summary
+
+
+def paper_values() -> dict[str, Any]:
+    """The paper's printed Tables 2 and 3 (src/dwf/paper_values.yaml)."""
+    return yaml.safe_load(resources.files("dwf").joinpath("paper_values.yaml").read_text())
+
+
+# ---------------------------------------------------------------- tables
+
+def _cell(s: dict[str, float] | None, latex: bool = False) -> str:
+    if s is None:
+        return "-"
+    pm = r"$\pm$" if latex else "±"
+    return f"{s['mean']:.2f}" if s["n"] < 2 else f"{s['mean']:.2f}{pm}{s['std']:.2f}"
+
+
+def _columns(summary: dict, which: str) -> list[tuple[str, str]]:
+    """(metric key, header) of Table 2 (SA + FGSM) or Table 3 (PGD), from the metrics present."""
+    keys = {k for models in summary.values() for metrics in models.values() for k in metrics}
+    if which == "table2":
+        fgsm = sorted((k for k in keys if k.startswith("fgsm/")), key=lambda k: float(k.split("/")[1]))
+        return [("clean", "SA")] + [(k, f"FGSM {k.split('/')[1]}") for k in fgsm]
+    pgd = sorted((k for k in keys if k.startswith("pgd/")), key=lambda k: int(k.split("/")[1]))
+    cols = [(k, f"PGD-{k.split('/')[1]}") for k in pgd]
+    cols += [(k, k.replace("pgd", "PGD-").replace("_ms", " (MS)").replace("_adaptive", " (A)"))
+             for k in sorted(keys) if k.startswith("pgd") and "/" not in k]
+    return cols + [("worst_case", "worst case")]
+
+
+def table(summary: dict, which: str, latex: bool = False) -> str:
+    """Table 2 or 3 in the paper's layout (a block per dataset, a row per model)."""
+    cols = _columns(summary, which)
+    head = ["Model"] + [h for _, h in cols]
+    if latex:
+        lines = [r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    else:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, models in summary.items():
+        title = DATASET_LABELS.get(d, d)
+        lines.append(rf"\multicolumn{{{len(head)}}}{{l}}{{\textbf{{{title}}}}} \\" if latex else f"| **{title}** |" + " |" * len(cols))
+        for m, metrics in models.items():
+            cells = [LABELS.get(m, m)] + [_cell(metrics.get(k), latex) for k, _ in cols]
+            lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
+    if latex:
+        lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 def accuracy_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table: one row per model, accuracies in percent."""
-    header = [c for c, _ in _columns(next(iter(rows.values())))]
-    lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    for name, metrics in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for _, v in _columns(metrics)) + " |")
+    """A Markdown table of single metrics files: one row per model, accuracies in percent."""
+    summary = {"": {name: {k: spread([v]) for k, v in flatten(m).items()} for name, m in rows.items()}}
+    t2, t3 = _columns(summary, "table2"), _columns(summary, "table3")
+    cols = t2 + t3
+    lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, metrics in summary[""].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(k)) for k, _ in cols) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+def _curve(metrics: dict, prefix: str) -> tuple[list[float], list[float], list[float]]:
+    keys = sorted((k for k in metrics if k.startswith(prefix)), key=lambda k: float(k.split("/")[1]))
+    return ([float(k.split("/")[1]) for k in keys], [metrics[k]["mean"] for k in keys],
+            [metrics[k]["std"] for k in keys])
+
+
+def figure(summary: dict, dataset: str, kind: str, path: Path) -> None:
+    """Figure 6 (RA vs FGSM eps) or Figure 7 (RA vs PGD iterations) for one dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for m, metrics in summary[dataset].items():
+        x, y, e = _curve(metrics, f"{kind}/")
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=LABELS.get(m, m))
+    ax.set_xlabel("FGSM $\\epsilon$" if kind == "fgsm" else "PGD iterations")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)}: robustness under {kind.upper()}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: byte-identical reruns
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- comparison with the paper
+
+def _paper_cell(v: Any) -> tuple[float, float] | None:
+    if v is None:
+        return None
+    return (float(v["mean"]), float(v.get("std", 0.0))) if isinstance(v, dict) else (float(v), 0.0)
+
+
+def comparison(summary: dict, paper: dict) -> str:
+    """Our mean ± std beside the paper's printed value; flags differences beyond the spread.
+
+    A difference is flagged when |ours - paper| exceeds 2 x the larger of the two standard
+    deviations, and at least one point (a single run has no spread of its own).
+    """
+    lines = ["# dwf vs the paper's printed values", "",
+             f"Source: {paper.get('source', 'paper tables')}. Flag: |ours - paper| > max(1, 2 x std).", ""]
+    for d, models in summary.items():
+        printed = paper.get(d)
+        lines.append(f"## {DATASET_LABELS.get(d, d)}")
+        if not printed:
+            lines += ["", "The paper has no values for this dataset.", ""]
+            continue
+        lines += ["", "| model | metric | ours | paper | diff | flag |", "|---|---|---|---|---|---|"]
+        for m, metrics in models.items():
+            row = printed.get("resnet18" if m == "experts/benign" else m)
+            for k, s in metrics.items():
+                p = _paper_cell(row.get(k)) if row else None
+                if p is None:
+                    continue
+                diff = s["mean"] - p[0]
+                flag = "**differs**" if abs(diff) > max(1.0, 2 * max(s["std"], p[1])) else ""
+                lines.append(f"| {LABELS.get(m, m)} | {k} | {_cell(s)} | {p[0]:.2f} | {diff:+.2f} | {flag} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_reports(summary: dict, out_dir: Path) -> list[Path]:
+    """Every report file from a summary; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for which in ("table2", "table3"):
+        for ext, latex in (("md", False), ("tex", True)):
+            p = out_dir / f"{which}.{ext}"
+            p.write_text(table(summary, which, latex))
+            written.append(p)
+    for d in summary:
+        for kind, fig in (("fgsm", "figure6"), ("pgd", "figure7")):
+            p = out_dir / "figures" / f"{fig}_{d}.png"
+            figure(summary, d, kind, p)
+            written.append(p)
+    p = out_dir / "comparison.md"
+    p.write_text(comparison(summary, paper_values()))
+    return written + [p]

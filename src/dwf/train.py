@@ -3,8 +3,11 @@ whole-batch augmentation on the device, a checkpoint after every epoch, exact re
 
 A defense supplies a *recipe*: `recipe(model, x, y, cfg, rng) -> (inputs, targets)` turns a
 clean augmented batch into the batch the model is trained on (e.g. FGSM images, or the
-paper's [clean, FGSM, PGD] triple). All randomness (data order, augmentation, attack draws)
-comes from one CPU generator whose state is checkpointed, so a resumed run is bit-identical.
+paper's [clean, FGSM, PGD] triple). A recipe with its own objective (TRADES, SoE) returns an
+`Objective` instead, and alternating optimization (ADVMoE's expert and router steps) is a list
+of `Phase`s, each one SGD step per batch on its own parameters. All randomness (data order,
+augmentation, attack draws) comes from one CPU generator whose state is checkpointed, so a
+resumed run is bit-identical.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +29,32 @@ from dwf import checkpoint
 from dwf.config import TrainConfig
 from dwf.data import augment, batch_indices, to_unit
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A recipe's own loss, for objectives that are not cross-entropy on one batch."""
+
+    loss: torch.Tensor     # scalar, minimized
+    logits: torch.Tensor   # (M, C), only for the running accuracy
+    targets: torch.Tensor  # (M,)
+
+
 Recipe = Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainConfig, torch.Generator],
-                  tuple[torch.Tensor, torch.Tensor]]
+                  "tuple[torch.Tensor, torch.Tensor] | Objective"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One SGD step per batch on a subset of the parameters (alternating optimization).
+
+    Phases run in order on every batch; each updates only `params(model)`, at `lr` (None: the
+    stage's lr) under the shared cosine schedule. History reports the first phase.
+    """
+
+    recipe: Recipe
+    params: Callable[[nn.Module], Iterable[nn.Parameter]]
+    lr: float | None = None
 
 
 class TrainingError(RuntimeError):
@@ -56,7 +84,22 @@ def _first_bad(model: nn.Module) -> str | None:
     return None
 
 
-def fit(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.Tensor, *,
+def _objective(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logits, targets) of a recipe's output: cross-entropy unless it brought its own."""
+    if isinstance(batch, Objective):
+        return batch.loss, batch.logits, batch.targets
+    inputs, targets = batch
+    logits = model(inputs)
+    return F.cross_entropy(logits, targets), logits, targets
+
+
+def _optimizer(model: nn.Module, phases: Sequence[Phase], cfg: TrainConfig) -> torch.optim.SGD:
+    """One SGD whose parameter group k belongs to phase k (SGD skips parameters without grad)."""
+    groups = [{"params": list(ph.params(model)), "lr": ph.lr or cfg.lr} for ph in phases]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tensor, y_train: torch.Tensor, *,
         cfg: TrainConfig, seed: int, flip: bool, crop_padding: int, resume_path: Path,
         meta: dict[str, Any], device: torch.device, progress: bool = True,
         desc: str = "train") -> list[dict[str, float]]:
@@ -64,7 +107,7 @@ def fit(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.
 
     Args:
         model: the network, already initialized (seeded by the caller) and on `device`.
-        recipe: builds the trained batch from a clean augmented batch.
+        recipe: builds the trained batch from a clean augmented batch; or a list of Phases.
         x_train: uint8 images (N, 3, H, W) (any device); y_train: labels (N,).
         cfg: the stage's TrainConfig.
         seed: seeds the generator of data order, augmentation and attack draws.
@@ -75,8 +118,8 @@ def fit(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.
     """
     x_train, y_train = x_train.to(device), y_train.to(device)
     rng = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    phases = list(recipe) if isinstance(recipe, Sequence) else [Phase(recipe, nn.Module.parameters)]
+    opt = _optimizer(model, phases, cfg)
     steps_per_epoch = len(batch_indices(len(x_train), cfg.batch_size, shuffle=False, drop_last=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
     config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
@@ -94,15 +137,19 @@ def fit(model: nn.Module, recipe: Recipe, x_train: torch.Tensor, y_train: torch.
                    leave=False, mininterval=1.0)
         for step, idx in enumerate(bar):
             x = augment(to_unit(x_train[idx]), flip=flip, padding=crop_padding, generator=rng)
-            inputs, targets = recipe(model, x, y_train[idx], cfg, rng)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-            if not torch.isfinite(loss):  # one sync per step; a NaN must stop before the update
-                raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "
-                                    f"last good checkpoint: {resume_path}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            for k, phase in enumerate(phases):
+                out = _objective(model, phase.recipe(model, x, y_train[idx], cfg, rng))
+                if not torch.isfinite(out[0]):  # one sync per step; a NaN must stop before the update
+                    raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "
+                                        f"last good checkpoint: {resume_path}")
+                opt.zero_grad(set_to_none=True)
+                out[0].backward()
+                for other in opt.param_groups[:k] + opt.param_groups[k + 1:]:
+                    for p in other["params"]:
+                        p.grad = None  # a phase moves only its own parameters
+                opt.step()
+                if k == 0:
+                    loss, logits, targets = out
             sched.step()
             total += loss.detach() * len(targets)
             correct += (logits.detach().argmax(1) == targets).sum()
@@ -132,12 +179,12 @@ def _resume(path: Path, config: dict, model: nn.Module, opt, sched, rng: torch.G
         return 0
     ckpt = checkpoint.load(path)
     if ckpt.get("config") != config:
-        tqdm.write(f"{path}: written with other settings; starting afresh")
+        tqdm.write(f"{path}: written with other settings; starting afresh", file=sys.stderr)
         return 0
     model.load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     rng.set_state(ckpt["rng"])
     history.extend(ckpt["history"])
-    tqdm.write(f"{path}: resuming after epoch {ckpt['epoch']}")
+    tqdm.write(f"{path}: resuming after epoch {ckpt['epoch']}", file=sys.stderr)
     return int(ckpt["epoch"])

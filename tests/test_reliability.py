@@ -1,0 +1,155 @@
+"""Fault injection (issue 7): kills, numerical faults, bad parameters, leaked secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dwf import checkpoint, models
+from dwf.cli import app
+from dwf.config import TrainConfig
+from dwf.defenses.dwf import benign_batch, build_mixture, resume_path, train_expert
+from dwf.train import TrainingError, fit
+
+from conftest import digits_arch
+
+CPU = torch.device("cpu")
+
+
+def _dwf(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dwf", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def _train_args(params: Path, out: Path) -> list[str]:
+    return ["train-expert", "--params", str(params), "--expert", "pgd_0", "--quiet",
+            "--set", "expert.epochs=3", "--set", "expert.batch_size=32", "--out", str(out),
+            "--history", str(out.with_suffix(".json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.4], ids=["at-epoch-boundary", "mid-epoch"])
+def test_sigkill_then_resume_is_bit_identical(tiny_params, tmp_path, delay):
+    """SIGKILL during epoch 2 leaves no final checkpoint; the re-run resumes and matches."""
+    ref = tmp_path / "ref" / "pgd_0.pt"
+    assert _dwf(*_train_args(tiny_params, ref)).wait(timeout=300) == 0
+
+    out = tmp_path / "killed" / "pgd_0.pt"
+    proc = _dwf(*_train_args(tiny_params, out))
+    deadline = time.time() + 300
+    while not resume_path(out).is_file():  # epoch 1 is checkpointed
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed stage must not leave its final output"
+    assert checkpoint.load(resume_path(out))["epoch"] in (1, 2)
+    assert not list(out.parent.glob(".*.tmp")), "no half-written temporary file is left"
+
+    resumed = _dwf(*_train_args(tiny_params, out))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming after epoch" in err
+    a, b = checkpoint.load(ref)["state_dict"], checkpoint.load(out)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not resume_path(out).exists()
+
+
+def _nan_at(epoch: int, step: int):
+    calls = {"n": 0}
+
+    def recipe(model, x, y, cfg, rng):
+        calls["n"] += 1
+        if calls["n"] == (epoch - 1) * 2 + step:  # 2 steps per epoch below
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return benign_batch(model, x, y, cfg, rng)
+    return recipe
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(digits, tmp_path):
+    x, y = digits[0][:128], digits[1][:128]
+    torch.manual_seed(0)
+    model = models.build("resnet18", **digits_arch(4))
+    ckpt = tmp_path / "m.pt.resume"
+    cfg = TrainConfig(epochs=3, batch_size=64)
+    with pytest.raises(TrainingError, match=r"epoch 2, step 1"):
+        fit(model, _nan_at(2, 1), x, y, cfg=cfg, seed=0, flip=False, crop_padding=0,
+            resume_path=ckpt, meta={"arch": "resnet18", "arch_kwargs": digits_arch(4)},
+            device=CPU, progress=False)
+    saved = checkpoint.load(ckpt)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
+
+
+def test_nan_in_the_gate_stops_training(digits, tmp_path):
+    """A NaN router weight makes the mixed logits NaN: training stops before any update."""
+    experts = []
+    cfg = TrainConfig(epochs=1, batch_size=64, pgd_steps=(1,), fgsm_eps=(0.1,))
+    for name in ("benign", "pgd_0"):
+        path = tmp_path / f"{name}.pt"
+        train_expert(name.split("_")[0], digits[0][:64], digits[1][:64], cfg=cfg,
+                     arch_kwargs=digits_arch(4), dataset="digits", seed=1, flip=False,
+                     crop_padding=0, out=path, device=CPU, progress=False)
+        experts.append(path)
+    moe, kwargs = build_mixture(experts, router_hidden=(16,), seed=0, dataset="digits")
+    with torch.no_grad():
+        moe.router.scores[1].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1"):
+        fit(moe, benign_batch, digits[0][:64], digits[1][:64], cfg=cfg, seed=0, flip=False,
+            crop_padding=0, resume_path=tmp_path / "moe.resume",
+            meta={"arch": "softmoe", "arch_kwargs": kwargs}, device=CPU, progress=False)
+    assert not (tmp_path / "moe.resume").exists()
+
+
+BAD_SETS = [
+    ("expert.epochs=0", "expert.epochs"),
+    ("expert.lr=fast", "expert.lr"),
+    ("expert.pgd_eps=1.5", "pgd_eps"),
+    ("expert.pgd_eps=-0.1", "pgd_eps"),
+    ("expert.fgsm_eps=[]", "fgsm_eps"),
+    ("evaluate.pgd_eps=2", "pgd_eps"),
+    ("expert.bogus=1", "expert.bogus"),
+    ("normalization=wrong", "normalization"),
+    ("expert.attack_bn=sometimes", "attack_bn"),
+    ("width=0", "width"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_SETS, ids=[b[0] for b in BAD_SETS])
+def test_bad_parameter_exits_2_with_one_line_naming_the_key(tiny_params, tmp_path, override, key):
+    out = tmp_path / "never.pt"
+    result = CliRunner().invoke(app, ["train-expert", "--params", str(tiny_params), "--expert", "benign",
+                                      "--set", override, "--out", str(out), "--quiet"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert key in lines[0] and lines[0].startswith("error: ")
+    assert not out.exists() and not resume_path(out).exists(), "no work may start"
+
+
+def test_no_environment_secret_reaches_any_output(tiny_params, tmp_path, monkeypatch):
+    """Metrics, histories and checkpoints never carry environment variables."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "sekrit-aws-4f2a", "DWF_TOKEN": "sekrit-token-9c1e"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "benign.pt"
+    for args in (["train-expert", "--params", str(tiny_params), "--expert", "benign", "--quiet",
+                  "--out", str(out), "--history", str(tmp_path / "h.json")],
+                 ["evaluate", "--params", str(tiny_params), "--checkpoint", str(out),
+                  "--out", str(tmp_path / "m.json"), "--quiet"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) >= 3
+    for p in written:
+        blob = p.read_bytes()
+        assert not any(s.encode() in blob for s in secrets.values()), p
