@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dwf.models import batched
 from dwf.models.resnet import Normalize
 
 
@@ -32,12 +33,21 @@ class Router(nn.Module):
         return torch.softmax(self.scores(x), dim=-1)  # (N, E), positive, rows sum to 1
 
 
+# Where the grouped-convolution path is faster than the expert loop (docs/performance.md):
+# 1.8-1.9x per PGD step on CPU at width 8; on an H200 at width 64 cuDNN's grouped convolutions
+# run at 0.65-0.80x of nine dense ones, so CUDA keeps the loop.
+BATCHED_DEVICES = ("cpu",)
+
+
 class SoftMoE(nn.Module):
     """Soft mixture of experts: every expert runs, logits are mixed by the router's weights.
 
     The router sees the same normalized image as the experts. `forward` returns only the
     mixed logits, so any attack library can use the model as a plain classifier; the gate
     is exposed through `gate_weights` and `expert_logits` for analysis and gate-aware attacks.
+    When the experts share one ResNet18 architecture they run as one batched computation on
+    the devices where that measured faster (BATCHED_DEVICES; models/batched.py); `batched =
+    False` switches to the expert loop, the reference it is tested against. Either way the parameters live in the experts (`experts.{i}.*`).
 
     Args:
         experts: classifiers taking [0, 1] images and returning (N, C) logits.
@@ -56,6 +66,7 @@ class SoftMoE(nn.Module):
         for s in input_shape:
             n_in *= s
         self.router = Router(n_in, len(self.experts), router_hidden)
+        self.batched = batched.batchable(self.experts)  # a plain attribute: not in checkpoints
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights w(x), shape (N, E)."""
@@ -63,6 +74,8 @@ class SoftMoE(nn.Module):
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's logits f_i(x), shape (N, E, C)."""
+        if self.batched and x.device.type in BATCHED_DEVICES:
+            return batched.expert_logits(self.experts, x)
         return torch.stack([f(x) for f in self.experts], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,242 @@
+"""Throughput benchmark of the nine-expert mixture: reference vs optimized, FLOP/s, projection.
+
+Four steps, each on one batch of N images per view:
+  clean  - one SGD step on N clean images (forward + backward ~ 3 forwards);
+  fgsm   - one FGSM example per image (forward + input gradient ~ 2 forwards);
+  pgd    - one PGD iteration per image (~ 2 forwards), timed over `pgd_steps` iterations;
+  joint  - Algorithm 3: FGSM + PGD-k through the mixture, then an SGD step on the 3N batch.
+The *reference* runs the expert loop and takes input gradients with `loss.backward()` (which
+also computes every parameter gradient); the *optimized* path runs the batched experts and
+`torch.autograd.grad` for the input only, i.e. what training and evaluation run. Images/s
+counts clean images per view. FLOPs are counted analytically (`resnet18_macs`), not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dwf import attacks, models
+from dwf.checkpoint import environment
+from dwf.config import TrainConfig
+from dwf.defenses.dwf import joint_batch
+
+# The paper's pipeline (section 5, Table 5; CIFAR-10): what `project_hours` prices.
+PAPER = {"images": 50_000, "expert_epochs": 150, "joint_epochs": 100, "n_benign": 1, "n_fgsm": 4,
+         "n_pgd": 4, "pgd_steps_mean": 30.0}  # iterations ~ Random{10, ..., 50}, mean 30
+EPS, ALPHA = 8 / 255, 2 / 255  # pixel units
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of one benchmark run.
+
+    Args:
+        width: ResNet-18 stage-1 channels (64 in the paper).
+        batch: images per view (128 in the paper).
+        pgd_steps: PGD iterations per timed pgd/joint step.
+        repeats: timed calls per step (after one warm-up call); the best is reported.
+        n_experts: experts in the mixture (9 in the paper).
+    """
+
+    width: int = 64
+    batch: int = 128
+    pgd_steps: int = 10
+    repeats: int = 5
+    n_experts: int = 9
+    num_classes: int = 10
+    router_hidden: tuple[int, ...] = (1024, 512, 128)
+
+
+# The paper's sizes where a GPU makes them affordable; the demo's width on a CPU (< 3 minutes).
+DEFAULTS = {"cuda": BenchConfig(), "cpu": BenchConfig(width=8, batch=32, pgd_steps=2, repeats=2)}
+
+# ---------------------------------------------------------------- FLOP count
+
+
+def resnet18_macs(width: int, num_classes: int = 10, hw: int = 32) -> int:
+    """Multiply-accumulates of one CIFAR ResNet-18 forward on an hw x hw image (convs + linear)."""
+    macs = hw * hw * 3 * width * 9  # 3x3 stem
+    c_in = width
+    for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        hw = hw if i == 0 else hw // 2  # stride 2 from stage 2 on (padding 1 keeps even sizes)
+        macs += hw * hw * c_in * c_out * 9 + 3 * hw * hw * c_out * c_out * 9  # four 3x3 convs
+        if c_in != c_out:
+            macs += hw * hw * c_in * c_out  # 1x1 projection shortcut
+        c_in = c_out
+    return macs + c_in * num_classes
+
+
+def mixture_flop(cfg: BenchConfig) -> float:
+    """FLOPs of one mixture forward per image: E experts + the router MLP (2 FLOPs per MAC)."""
+    sizes = (3 * 32 * 32, *cfg.router_hidden, cfg.n_experts)
+    router = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    return 2.0 * (cfg.n_experts * resnet18_macs(cfg.width, cfg.num_classes) + router)
+
+
+def forwards_per_image(step: str, pgd_steps: float) -> float:
+    """Cost of a step in forward passes per clean image (attack step ~ 2, train step ~ 3)."""
+    return {"clean": 3.0, "fgsm": 2.0, "pgd": 2.0, "joint": 2.0 + 2.0 * pgd_steps + 3 * 3.0}[step]
+
+# ---------------------------------------------------------------- the steps
+
+
+def _backward_input_grad(model, x, y):
+    """The reference's input gradient: loss.backward() (parameter gradients computed too)."""
+    x = x.detach().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return x.grad
+
+
+def _reference_pgd(model, x, y, steps):
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv = x_adv + ALPHA * _backward_input_grad(model, x_adv, y).sign()
+        x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0, 1)
+    return x_adv
+
+
+def _sgd_step(model, opt, x, y):
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Callable[[], Any]]:
+    """name -> a closure running that step once, on the reference or the optimized path."""
+    k = cfg.pgd_steps
+    joint_cfg = TrainConfig(epochs=1, batch_size=len(x), fgsm_eps=(0.03,), pgd_eps=EPS,
+                            pgd_alpha=ALPHA, pgd_steps=(k,))
+    rng = torch.Generator().manual_seed(0)
+
+    def fgsm():
+        model.eval()
+        if optimized:
+            return attacks.fgsm(model, x, y, eps=EPS)
+        return (x + EPS * _backward_input_grad(model, x, y).sign()).clamp(0, 1)
+
+    def pgd():
+        model.eval()
+        if optimized:
+            return attacks.pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=k, random_start=False)
+        return _reference_pgd(model, x, y, k)
+
+    def joint():
+        model.train()  # crafting switches BN to eval (attack_bn), as in training
+        if optimized:
+            inputs, targets = joint_batch(model, x, y, joint_cfg, rng)
+        else:
+            model.eval()
+            x_f = (x + 0.03 * _backward_input_grad(model, x, y).sign()).clamp(0, 1)
+            inputs, targets = torch.cat([x, x_f, _reference_pgd(model, x, y, k)]), y.repeat(3)
+        _sgd_step(model, opt, inputs, targets)
+
+    return {"clean": lambda: _sgd_step(model, opt, x, y), "fgsm": fgsm, "pgd": pgd, "joint": joint}
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls after one warm-up call (synchronized on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+# ---------------------------------------------------------------- device rate and projection
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """Measured FLOP/s of an n x n x n matmul (the device's practical dense peak)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = min(_timed(lambda: a @ b, device, repeats))
+    return 2.0 * n**3 / best
+
+
+def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
+    """Hours of the paper's pipeline at the measured FLOP/s (training steps at the clean
+    step's rate, expert attack iterations at the PGD step's, joint epochs at the joint step's).
+
+    An expert is one ResNet-18, so its FLOPs are the mixture's over E (router aside).
+    """
+    p, f1 = PAPER, 2.0 * resnet18_macs(cfg.width, cfg.num_classes)  # one expert forward
+    per_image = p["images"] * p["expert_epochs"] * f1
+    n_experts = p["n_benign"] + p["n_fgsm"] + p["n_pgd"]
+    train = n_experts * 3.0 * per_image
+    attack = (p["n_fgsm"] * 2.0 + p["n_pgd"] * 2.0 * p["pgd_steps_mean"]) * per_image
+    joint_cfg = dataclasses.replace(cfg, n_experts=n_experts)
+    joint = (p["images"] * p["joint_epochs"] * mixture_flop(joint_cfg)
+             * forwards_per_image("joint", p["pgd_steps_mean"]))
+    seconds = train / rates["clean"] + attack / rates["pgd"] + joint / rates["joint"]
+    return seconds / 3600.0
+
+# ---------------------------------------------------------------- the run
+
+
+def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]:
+    """Benchmark both paths; returns the dict written to metrics/bench.json."""
+    torch.manual_seed(seed)
+    arch = {"num_classes": cfg.num_classes, "width": cfg.width, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    model = models.build("softmoe", n_experts=cfg.n_experts, expert=arch,
+                         router_hidden=cfg.router_hidden).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # tiny lr: weights barely move
+    x = torch.rand(cfg.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
+    flop = mixture_flop(cfg)
+    steps: dict[str, dict[str, Any]] = {}
+    for path in ("reference", "optimized"):
+        model.batched = path == "optimized"
+        for name, fn in _steps(model, opt, x, y, cfg, model.batched).items():
+            times = _timed(fn, device, cfg.repeats)
+            images = cfg.batch * (cfg.pgd_steps if name == "pgd" else 1)  # pgd: per iteration
+            best = min(times)
+            steps.setdefault(name, {})[path] = {
+                "seconds": times, "images_per_s": images / best,
+                "flop_per_s": images * forwards_per_image(name, cfg.pgd_steps) * flop / best}
+    for s in steps.values():
+        s["speedup"] = s["optimized"]["images_per_s"] / s["reference"]["images_per_s"]
+    return {"config": dataclasses.asdict(cfg), "environment": environment(), "device": str(device),
+            "threads": torch.get_num_threads(), "mixture_gflop_per_image": flop / 1e9,
+            "steps": steps, **_device_rates(device, steps, cfg)}
+
+
+def _device_rates(device: torch.device, steps: dict, cfg: BenchConfig) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    peak = {"fp32": matmul_rate(device, torch.float32, 8192 if cuda else 2048)}
+    if cuda:
+        peak["bf16"] = matmul_rate(device, torch.bfloat16, 8192, repeats=10)
+    top = max(peak.values())
+    for s in steps.values():
+        for path in ("reference", "optimized"):
+            s[path]["fraction_of_matmul"] = s[path]["flop_per_s"] / top
+    # the paper's width for the projection: FLOP/s measured at this run's sizes
+    paper = dataclasses.replace(cfg, width=64)
+    hours = {path: project_hours({n: s[path]["flop_per_s"] for n, s in steps.items()}, paper)
+             for path in ("reference", "optimized")}
+    return {"matmul_flop_per_s": peak, "matmul_reference": max(peak, key=peak.get),
+            "projected_hours": hours}
+
+
+def table(result: dict[str, Any]) -> str:
+    """A short Markdown table of a `run` result."""
+    rows = ["| step | reference img/s | optimized img/s | speedup | optimized GFLOP/s | of matmul |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name, s in result["steps"].items():
+        ref, opt = s["reference"], s["optimized"]
+        rows.append(f"| {name} | {ref['images_per_s']:.1f} | {opt['images_per_s']:.1f} | "
+                    f"{s['speedup']:.2f}x | {opt['flop_per_s'] / 1e9:.1f} | "
+                    f"{100 * opt['fraction_of_matmul']:.1f}% |")
+    return "\n".join(rows)

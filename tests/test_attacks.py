@@ -1,0 +1,129 @@
+"""Attacks: the threat model's constraints, purity (mode and .grad untouched), seeding, strength."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwf import attacks
+from dwf.models import ResNet18
+
+EPS, ALPHA = 0.1, 0.025  # pixel units; eps 0.1 separates models on digits (DESIGN.md)
+TOL = 1e-6               # float32 rounding of x +- eps
+
+
+@pytest.fixture
+def small():
+    """An untrained width-4 ResNet-18 and a random batch that touches 0 and 1."""
+    torch.manual_seed(0)
+    model = ResNet18(width=4).eval()
+    x = torch.rand(6, 3, 32, 32)
+    x[0], x[1] = 0.0, 1.0  # clamping must bite at both ends
+    return model, x, torch.randint(0, 10, (6,))
+
+
+ATTACKS = {
+    "fgsm": lambda m, x, y, eps: attacks.fgsm(m, x, y, eps=eps),
+    "pgd": lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=3, seed=0),
+    "pgd_restarts": lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=2,
+                                                     restarts=2, seed=0),
+    "pgd_margin": lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=2,
+                                                   seed=0, loss="margin"),
+}
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+@pytest.mark.parametrize("eps", [8 / 255, 0.3])
+def test_attacks_stay_in_eps_ball_and_unit_range(small, name, eps):
+    model, x, y = small
+    x_adv = ATTACKS[name](model, x, y, eps)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= eps + TOL
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv != x).any()  # the attack moved something
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("existing_grads", [False, True])
+def test_attacks_leave_mode_and_param_grads_alone(small, name, training, existing_grads):
+    model, x, y = small
+    model.train(training)
+    if existing_grads:  # e.g. an attack called between backward() and step()
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    ATTACKS[name](model, x, y, 0.1)
+    assert all(m.training == training for m in model.modules())
+    for p, g in zip(model.parameters(), before):
+        if g is None:
+            assert p.grad is None
+        else:
+            assert torch.equal(p.grad, g)
+
+
+def test_bad_budgets_are_refused(small):
+    model, x, y = small
+    with pytest.raises(ValueError, match="eps"):
+        attacks.fgsm(model, x, y, eps=8)  # 8 instead of 8/255
+    with pytest.raises(ValueError, match="alpha"):
+        attacks.pgd(model, x, y, eps=0.1, alpha=2, steps=1)
+
+
+def test_pgd_with_zero_eps_returns_the_clean_input(small):
+    model, x, y = small
+    assert torch.equal(attacks.pgd(model, x, y, eps=0.0, alpha=0.01, steps=3, restarts=2, seed=0), x)
+    assert torch.equal(attacks.fgsm(model, x, y, eps=0.0), x)
+
+
+def test_pgd_is_seeded(small):
+    model, x, y = small
+    run = lambda seed: attacks.pgd(model, x, y, eps=0.1, alpha=0.02, steps=0, seed=seed)
+    assert torch.equal(run(3), run(3))  # steps=0: just the random start
+    assert not torch.equal(run(3), run(4))
+
+
+def test_one_pgd_step_from_x_is_fgsm(trained_model, test_batch):
+    """PGD-1 with alpha = eps and no random start is FGSM, example by example."""
+    x, y = test_batch
+    pgd1 = attacks.pgd(trained_model, x, y, eps=EPS, alpha=EPS, steps=1, random_start=False)
+    assert torch.equal(pgd1, attacks.fgsm(trained_model, x, y, eps=EPS))
+
+
+def _correct(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+def test_stronger_attacks_lower_accuracy(trained_model, test_batch):
+    """clean > FGSM >= PGD-20 on a trained model (in aggregate: per example, an attack that
+    follows the loss may move a misclassified example back; test_restarts_* and
+    test_one_pgd_step_* check what must hold per example)."""
+    model, (x, y) = trained_model, test_batch
+    clean = _correct(model, x, y)
+    fgsm = _correct(model, attacks.fgsm(model, x, y, eps=EPS), y)
+    pgd20 = _correct(model, attacks.pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=20, seed=0), y)
+    assert clean.float().mean() >= 0.9  # the fixture model really learned digits
+    assert clean.float().mean() > fgsm.float().mean() >= pgd20.float().mean()
+
+
+def test_restarts_keep_the_worst_case_per_example(trained_model, test_batch):
+    """Multi-restart PGD beats or ties every single restart, in the order (misclassified, loss).
+
+    Restart r draws from seed + r, so pgd(restarts=1, seed=s + r) is restart r alone.
+    """
+    model, (x, y) = trained_model, test_batch
+    s, n = 11, 3
+    kw = dict(eps=0.06, alpha=0.02, steps=2)  # a weak attack, so restarts disagree
+    best = attacks.pgd(model, x, y, restarts=n, seed=s, **kw)
+    singles = [attacks.pgd(model, x, y, restarts=1, seed=s + r, **kw) for r in range(n)]
+    wrong, loss = attacks.attack_score(model, best, y)
+    scores = [attacks.attack_score(model, xr, y) for xr in singles]
+    assert len({tuple(w.tolist()) for w, _ in scores}) > 1 or len({l.sum().item() for _, l in scores}) > 1
+    for w_r, l_r in scores:
+        better = wrong & ~w_r
+        tied = (wrong == w_r) & (loss >= l_r - 1e-5 * (1 + l_r.abs()))
+        assert (better | tied).all()
+    # and each example's result is one of the restarts' own, not a blend
+    same = torch.stack([(xr == best).flatten(1).all(1) for xr in singles])  # (R, N)
+    assert same.any(0).all()
