@@ -12,12 +12,14 @@ container: "docker://dwf:0.1.0"
 DATASETS = config["datasets"]
 RUNS = config["runs"]
 EXPERTS = config["experts"]
+BASELINES = config.get("baselines", [])
 MODELS = config["evaluate_models"]
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
     run=r"\d+",
     expert="[a-z]+(_[0-9]+)?",
+    defense="|".join(BASELINES) or "^$",
     model="[a-z0-9_]+(/[a-z0-9_]+)?",
 
 
@@ -63,6 +65,21 @@ rule joint:
         gpu=1,
     shell:
         "dwf train-joint --dataset {wildcards.dataset} --run {wildcards.run} --quiet > {log} 2>&1"
+
+
+rule baseline:
+    input:
+        "data/{dataset}",
+    output:
+        "models/{dataset}/run{run}/{defense}.pt",
+        "metrics/runs/{dataset}/run{run}/train/{defense}.json",
+    log:
+        "logs/baseline/{dataset}/run{run}/{defense}.log",
+    resources:
+        gpu=1,
+    shell:
+        "dwf train --defense {wildcards.defense} --dataset {wildcards.dataset}"
+        " --run {wildcards.run} --quiet > {log} 2>&1"
 
 
 rule evaluate:

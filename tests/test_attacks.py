@@ -127,3 +127,12 @@ def test_restarts_keep_the_worst_case_per_example(trained_model, test_batch):
     # and each example's result is one of the restarts' own, not a blend
     same = torch.stack([(xr == best).flatten(1).all(1) for xr in singles])  # (R, N)
     assert same.any(0).all()
+
+
+def test_pgd_iterates_equal_separate_runs(trained_model, test_batch):
+    """PGD-k snapshots of one trajectory are exactly pgd(steps=k) with the same seed."""
+    x, y = test_batch[0][:32], test_batch[1][:32]
+    snaps = attacks.pgd_iterates(trained_model, x, y, eps=0.1, alpha=0.025, steps=[2, 5], seed=4)
+    for k in (2, 5):
+        alone = attacks.pgd(trained_model, x, y, eps=0.1, alpha=0.025, steps=k, seed=4)
+        assert torch.equal(snaps[k], alone)

@@ -23,8 +23,9 @@ from conftest import _tiny_section
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SKIP = {".git", ".venv", "data", "models", "metrics", "reports", "logs", ".dvc", ".snakemake",
-        "__pycache__", ".pytest_cache", "dvc.lock"}
+TOP_SKIP = {".git", ".venv", "data", "models", "metrics", "reports", "logs", ".dvc", ".snakemake",
+            "dvc.lock"}  # outputs and state: left out at the top level only
+ANY_SKIP = {"__pycache__", ".pytest_cache"}
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
        "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
        "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
@@ -39,7 +40,12 @@ def sh(cwd: Path, *cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 def project_copy(dst: Path, params: dict | None = None) -> Path:
     """The project's sources and pipeline files in `dst`, optionally with other params."""
-    shutil.copytree(ROOT, dst, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == ROOT
+        return [n for n in names if n in ANY_SKIP or n.endswith((".egg-info", ".resume"))
+                or (top and n in TOP_SKIP)]
+
+    shutil.copytree(ROOT, dst, ignore=ignore)
     (dst / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", dst / ".dvc" / "config")
     if params is not None:
@@ -49,7 +55,8 @@ def project_copy(dst: Path, params: dict | None = None) -> Path:
 
 def tiny_digits_params() -> dict:
     return {"seed": 0, "runs": [0, 1], "datasets": ["digits"], "data_root": "data",
-            "experts": ["benign", "fgsm_0", "pgd_0"], "evaluate_models": ["dwf", "experts/benign"],
+            "experts": ["benign", "fgsm_0", "pgd_0"], "baselines": ["resnet18"],
+            "evaluate_models": ["dwf", "experts/benign", "resnet18"],
             "digits": _tiny_section()}
 
 

@@ -8,6 +8,7 @@ with `torch.autograd.grad` (no parameter `.grad` is written), never changes `mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -76,18 +77,48 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     return _project(x + eps * grad.sign(), x, eps).detach()
 
 
-def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
-             steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss
-             ) -> torch.Tensor:
-    """One PGD run (paper eqs. 4-5) from a uniform random start in the ball, or from x."""
+def _pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+                  steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss):
+    """Yield the iterate after every PGD step (paper eqs. 4-5), from a uniform random start
+    in the ball or from x."""
     x_adv = x.detach().clone()
     if random_start and eps > 0:
         noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
         x_adv = _project(x + (2 * noise - 1) * eps, x, eps)
+    if steps == 0:
+        yield x_adv
     for _ in range(steps):
         grad, _ = _input_grad(model, x_adv, y, loss_fn)
         x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
-    return x_adv
+        yield x_adv
+
+
+def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+             steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss
+             ) -> torch.Tensor:
+    """One PGD run: its last iterate."""
+    *_, last = _pgd_iterates(model, x, y, eps, alpha, steps, random_start, generator, loss_fn)
+    return last
+
+
+def pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                 steps: Sequence[int], seed: int | None = None, random_start: bool = True,
+                 loss: str = "ce") -> dict[int, torch.Tensor]:
+    """PGD-k for several k from one trajectory: {k: the iterate after k steps}.
+
+    Identical to `pgd(..., steps=k, seed=seed)` for every k (same start, same steps), at the
+    cost of the longest run alone; the evaluation's PGD-10..50 use it.
+    """
+    _check_budget(eps, alpha)
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be a non-empty list of counts >= 1, got {list(steps)}")
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    wanted, out = set(steps), {}
+    it = _pgd_iterates(model, x, y, eps, alpha, max(steps), random_start, gen, LOSSES[loss])
+    for k, x_adv in enumerate(it, start=1):
+        if k in wanted:
+            out[k] = x_adv.detach()
+    return {k: out[k] for k in steps}
 
 
 @torch.no_grad()

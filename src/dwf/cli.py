@@ -194,6 +194,8 @@ def evaluate(model_name: Annotated[str, typer.Option(
     from dwf.runtime import derive_seed
 
     p, prof, dev = _context(params, dataset, set_, device)
+    if external and model_name == "dwf":  # never overwrite the mixture's metrics
+        model_name = "external_" + external.replace(":", "_")
     out = out or paths.evaluation(dataset, run, model_name)
     if external:
         if weights is None or checkpoint is not None:
@@ -268,13 +270,15 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
               summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
     """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper."""
+    from dwf.checkpoint import environment
     from dwf.config import load_params
-    from dwf.report import aggregate as collect, table as render, write_reports
+    from dwf.report import aggregate as collect, load_runs, table as render, write_reports
 
     p = load_params(params)
-    result = collect(p.datasets, p.runs, p.evaluate_models)
-    _write_json(summary, result)
-    write_reports(result, reports)
+    per_run = load_runs(p.datasets, p.runs, p.evaluate_models)
+    result = collect(per_run)
+    write_reports(result, reports, per_run)
+    _write_json(summary, {**result, "environment": environment()})
     typer.echo(render(result, "table2") + "\n" + render(result, "table3"))
     typer.echo(f"wrote {summary} and {reports}/")
 

@@ -170,6 +170,8 @@ class EvalConfig:
         _nonempty(self, "fgsm_eps", "pgd_steps")
         for e in self.fgsm_eps:
             _check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
+        for k in self.pgd_steps:
+            _check(k >= 1, "pgd_steps", f"values >= 1, got {k}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class Params:
     datasets: tuple[str, ...]
     experts: tuple[str, ...]
     profiles: dict[str, Profile]
+    baselines: tuple[str, ...] = ()  # systems the pipeline trains per dataset and run (Tables 2-3)
     evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
     data_root: str = "data"
 
@@ -216,6 +219,14 @@ class Params:
             _check(e.split("_")[0] in EXPERT_KINDS, "experts",
                    f"names starting with one of {', '.join(EXPERT_KINDS)} (e.g. fgsm_0), got {e!r}")
         _check(len(set(self.experts)) == len(self.experts), "experts", "unique names")
+        known = tuple(f.name for f in dataclasses.fields(Baselines))
+        for b in self.baselines:
+            _choice(b, "baselines", known)
+            for d in self.datasets:
+                self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
+        models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines)
+        for m in self.evaluate_models:
+            _choice(m, "evaluate_models", models)
 
     def profile(self, dataset: str) -> Profile:
         _choice(dataset, "dataset", DATASETS)

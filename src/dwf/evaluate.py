@@ -2,25 +2,33 @@
 
 Every attack runs on the same first-N test examples; per example we keep whether it was
 classified correctly under each attack, and report the worst case over all of them (an
-example counts as robust only if no attack fooled it).
+example counts as robust only if no attack fooled it). Beyond the paper (evaluation issue): the
+attacks aimed at the mixture, AutoAttack on the first autoattack_n examples, and the audit.
+Long runs keep each finished batch on disk (`state`), so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dwf import attacks
-from dwf.checkpoint import environment
+from dwf import adaptive, attacks, audit
+from dwf.checkpoint import atomic_write, environment
 from dwf.config import EvalConfig
 from dwf.data import to_unit
 from dwf.runtime import derive_seed
 
-Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]  # (model, x, y, seed)
+# (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor | dict[str, torch.Tensor]]
+Flags = dict[str, torch.Tensor]  # attack name -> per-example correctness (bool, CPU)
 
 
 def protocol(cfg: EvalConfig) -> dict[str, Attack]:
@@ -29,9 +37,9 @@ def protocol(cfg: EvalConfig) -> dict[str, Attack]:
     suite: dict[str, Attack] = {}
     for e in cfg.fgsm_eps:
         suite[f"fgsm/{e:g}"] = lambda m, x, y, s, e=e: attacks.fgsm(m, x, y, eps=e)
-    for k in cfg.pgd_steps:
-        suite[f"pgd/{k}"] = lambda m, x, y, s, k=k: attacks.pgd(
-            m, x, y, eps=eps, alpha=alpha, steps=k, seed=s)
+    # PGD-10..50 as snapshots of one trajectory: the same as separate runs from one start
+    suite["pgd"] = lambda m, x, y, s: {f"pgd/{k}": x_k for k, x_k in attacks.pgd_iterates(
+        m, x, y, eps=eps, alpha=alpha, steps=cfg.pgd_steps, seed=s).items()}
     suite[f"pgd{cfg.ms_steps}_ms"] = lambda m, x, y, s: attacks.pgd(
         m, x, y, eps=eps, alpha=alpha, steps=cfg.ms_steps, restarts=cfg.ms_restarts, seed=s)
     # "Adaptive" PGD with EoT = 1 on a deterministic model: PGD through the whole mixture
@@ -40,33 +48,113 @@ def protocol(cfg: EvalConfig) -> dict[str, Attack]:
     return suite
 
 
+def is_mixture(model: nn.Module) -> bool:
+    return hasattr(model, "gate_weights") and hasattr(model, "experts")
+
+
+def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Attack]:
+    """Attacks aimed at the mixture, at pgd_eps with strong_steps x strong_restarts.
+
+    Margin-type losses (no softmax saturation); for a mixture, PGD on each expert's own loss and
+    the gate attack; transfer: PGD on each source model, replayed on the evaluated one.
+    """
+    kw = {"eps": cfg.pgd_eps, "alpha": cfg.pgd_alpha, "steps": cfg.strong_steps,
+          "restarts": cfg.strong_restarts}
+    suite: dict[str, Attack] = {
+        f"strong/pgd_{loss}": lambda m, x, y, s, loss=loss: attacks.pgd(m, x, y, **kw, seed=s, loss=loss)
+        for loss in ("dlr", "margin")}
+    if is_mixture(model):
+        suite["strong/gate"] = lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s)
+        for i in range(len(model.experts)):
+            suite[f"strong/expert_{i}"] = lambda m, x, y, s, i=i: attacks.pgd(
+                m.experts[i], x, y, **kw, seed=s)
+    for name, source in sources.items():
+        suite[f"strong/transfer_{name}"] = lambda m, x, y, s, f=source: attacks.pgd(
+            f, x, y, **kw, seed=s)
+    return suite
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the weights: a resumed evaluation must be of the same model."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _chunk(state: Path | None, key: str, b: int, compute: Callable[[], Flags]) -> Flags:
+    """Batch b's flags: read back if a run with the same key finished it, else computed and saved."""
+    path = state / f"batch{b:05d}.pt" if state is not None else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["flags"]
+    flags = compute()
+    if path is not None:
+        atomic_write(path, lambda tmp: torch.save({"key": key, "flags": flags}, tmp))
+    return flags
+
+
 def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor, y: torch.Tensor,
-                  *, batch_size: int, seed: int, device: torch.device, progress: bool = True
-                  ) -> dict[str, torch.Tensor]:
-    """Per-example correctness (bool, (N,)) on clean inputs and under every attack of `suite`."""
-    flags: dict[str, list[torch.Tensor]] = {"clean": [], **{name: [] for name in suite}}
+                  *, batch_size: int, seed: int, device: torch.device, progress: bool = True,
+                  state: Path | None = None, key: str = "") -> Flags:
+    """Per-example correctness (bool, (N,)) on clean inputs and under every attack of `suite`.
+
+    With `state`, each finished batch is saved there under `key` and skipped when rerun.
+    """
     n_batches = -(-len(x_u8) // batch_size)
-    bar = tqdm(total=n_batches * (len(suite) + 1), desc="evaluate", disable=not progress,
-               mininterval=1.0)
-    for b, start in enumerate(range(0, len(x_u8), batch_size)):
-        x = to_unit(x_u8[start:start + batch_size].to(device))
-        yb = y[start:start + batch_size].to(device)
+    bar = tqdm(total=n_batches, desc="evaluate", disable=not progress, mininterval=1.0)
+
+    def batch(b: int) -> Flags:
+        x = to_unit(x_u8[b * batch_size:(b + 1) * batch_size].to(device))
+        yb = y[b * batch_size:(b + 1) * batch_size].to(device)
         with torch.no_grad():
-            flags["clean"].append((model(x).argmax(1) == yb).cpu())
-        bar.update()
+            flags = {"clean": (model(x).argmax(1) == yb).cpu()}
         for name, attack in suite.items():
             x_adv = attack(model, x, yb, derive_seed(seed, name, b))
-            with torch.no_grad():
-                flags[name].append((model(x_adv).argmax(1) == yb).cpu())
+            for key, xa in (x_adv.items() if isinstance(x_adv, dict) else [(name, x_adv)]):
+                with torch.no_grad():
+                    flags[key] = (model(xa).argmax(1) == yb).cpu()
             bar.set_postfix_str(name, refresh=False)
-            bar.update()
+        return flags
+
+    chunks = []
+    for b in range(n_batches):
+        chunks.append(_chunk(state, key, b, functools.partial(batch, b)))
+        bar.update()
     bar.close()
-    return {k: torch.cat(v) for k, v in flags.items()}
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def autoattack_flags(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+                     seed: int, device: torch.device, state: Path | None = None, key: str = ""
+                     ) -> Flags:
+    """AutoAttack in batches: correctness after each of its attacks, as "autoattack/<name>"."""
+    def batch(b: int) -> Flags:
+        sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+        flags = adaptive.autoattack(model, to_unit(x_u8[sl].to(device)), y[sl].to(device),
+                                   eps=cfg.pgd_eps, version=cfg.autoattack_version,
+                                   seed=derive_seed(seed, "autoattack", b),
+                                   square_queries=cfg.square_queries)
+        return {f"autoattack/{k}": v.cpu() for k, v in flags.items()}
+
+    chunks = [_chunk(state, key, b, functools.partial(batch, b))
+              for b in range(-(-len(x_u8) // cfg.batch_size))]
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def worst_case(flags: Flags) -> torch.Tensor:
+    """Per example: correct under every attack that ran on it (attacks on a first-N subset
+    count only there)."""
+    n = max(len(f) for f in flags.values())
+    padded = [torch.cat([f, torch.ones(n - len(f), dtype=torch.bool)]) for f in flags.values()]
+    return torch.stack(padded).all(dim=0)
 
 
 def summarize(flags: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Accuracies in percent, grouped like the paper's tables, plus the per-example worst case."""
-    worst = torch.stack(list(flags.values())).all(dim=0)
+    worst = worst_case(flags)
     out: dict[str, Any] = {}
     for name, f in flags.items():
         group, _, key = name.partition("/")
@@ -89,27 +177,64 @@ def gate_usage(model: nn.Module, x_u8: torch.Tensor, device: torch.device, batch
     return [round(v, 6) for v in w.mean(0).tolist()]
 
 
+def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+              seed: int, device: torch.device) -> dict[str, dict]:
+    """The audit (dwf.audit) on the first cfg.audit_n examples, Square with cfg.square_queries."""
+    n = cfg.audit_n or len(x_u8)
+    square = functools.partial(adaptive.square, queries=cfg.square_queries,
+                               seed=derive_seed(seed, "audit", "square"))
+    return audit.audit(model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg=cfg, seed=seed,
+                       square=square)
+
+
+def _key(model_hash: str, cfg: EvalConfig, seed: int, part: str, names: list[str]) -> str:
+    return json.dumps([model_hash, dataclasses.asdict(cfg), seed, part, names], sort_keys=True)
+
+
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
-             seed: int, device: torch.device, progress: bool = True) -> dict[str, Any]:
-    """Run the paper's protocol on the first cfg.n_examples test images (0 = all).
+             seed: int, device: torch.device, progress: bool = True,
+             sources: dict[str, nn.Module] | None = None, state: Path | None = None
+             ) -> dict[str, Any]:
+    """The paper's protocol on the first cfg.n_examples test images (0 = all), then what
+    cfg switches on: the strong attacks, AutoAttack (first autoattack_n) and the audit.
 
     Args:
         model: classifier in eval mode, on `device`, taking [0, 1] images.
         x_u8, y: the test split (uint8 images, labels).
         seed: seeds every attack's random start.
+        sources: models to transfer attacks from (name -> model on `device`, eval mode).
+        state: folder for per-batch results, so an interrupted run resumes (None: keep nothing).
     Returns:
-        metrics dict: accuracies in percent, n_examples, the per-example worst case, settings.
+        metrics dict: accuracies in percent grouped by attack family, n_examples, the per-example
+        worst case over every attack run, the audit, settings.
     """
     n = cfg.n_examples or len(x_u8)
     x_u8, y = x_u8[:n], y[:n]
-    flags = correct_under(model, protocol(cfg), x_u8, y, batch_size=cfg.batch_size, seed=seed,
-                          device=device, progress=progress)
+    suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
+    model_hash = fingerprint(model) if state is not None else ""
+    flags = correct_under(model, suite, x_u8, y, batch_size=cfg.batch_size, seed=seed,
+                          device=device, progress=progress, state=state and state / "attacks",
+                          key=_key(model_hash, cfg, seed, "attacks", list(suite)))
+    if cfg.autoattack:
+        n_aa = min(cfg.autoattack_n or n, n)
+        flags |= autoattack_flags(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, seed=seed, device=device,
+                                  state=state and state / "autoattack",
+                                  key=_key(model_hash, cfg, seed, "autoattack", []))
     metrics = {"n_examples": n, **summarize(flags)}
+    if cfg.autoattack:
+        metrics["autoattack"]["n_examples"] = n_aa
+        sub = {k: v[:n_aa] for k, v in flags.items()}
+        metrics["autoattack"]["worst_case_all_attacks"] = audit._acc(worst_case(sub))
     usage = gate_usage(model, x_u8, device, cfg.batch_size)
     if usage is not None:
         metrics["gate_mean_weight"] = usage
-    worst = torch.stack(list(flags.values())).all(dim=0)
+    if cfg.audit:
+        checks = _chunk(state and state / "audit", _key(model_hash, cfg, seed, "audit", []), 0,
+                        lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device))
+        metrics["audit"] = {**checks,
+                            "worst_case_reported": audit.worst_case_check(metrics, flags)}
+    worst = worst_case(flags)
     metrics["per_example"] = {"worst_case_correct": "".join("1" if v else "0" for v in worst.tolist())}
-    metrics["settings"] = {**dataclasses.asdict(cfg), "seed": seed}
+    metrics["settings"] = {**dataclasses.asdict(cfg), "seed": seed, "transfer_sources": sorted(sources or {})}
     metrics["environment"] = environment()
     return metrics

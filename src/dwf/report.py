@@ -26,7 +26,8 @@ LABELS = {
     "trades": "ResNet-18 (TRADES)", "soe": "SoE", "advmoe": "ADVMoE",
 }
 DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (embedded demo)"}
-SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight"}
+SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
+        "audit", "external"}
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -52,20 +53,50 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": round(float(a.mean()), 4), "std": round(std, 4), "ci95": round(ci, 4), "n": n}
 
 
-def aggregate(datasets, runs, models) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """{dataset: {model: {metric: spread}}} over the runs' metrics files (missing files fail)."""
-    summary: dict = {}
+def load_runs(datasets, runs, models) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{dataset: {model: [metrics of each run]}} (a missing file fails, naming the command)."""
+    out: dict = {}
     for d in datasets:
         for m in models:
-            per_run = []
             for r in runs:
                 path = paths.evaluation(d, r, m)
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: missing; run `dwf evaluate --dataset {d} --run {r} --model {m}`")
-                per_run.append(flatten(json.loads(path.read_text())))
-            keys = [k for k in per_run[0] if all(k in p for p in per_run)]
-            summary.setdefault(d, {})[m] = {k: spread([p[k] for p in per_run]) for k in keys}
+                out.setdefault(d, {}).setdefault(m, []).append(json.loads(path.read_text()))
+    return out
+
+
+def aggregate(per_run: dict[str, dict[str, list[dict[str, Any]]]]
+              ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{dataset: {model: {metric: spread over runs}}}; a metric counts if every run has it."""
+    summary: dict = {}
+    for d, models in per_run.items():
+        for m, runs in models.items():
+            flat = [flatten(r) for r in runs]
+            keys = [k for k in flat[0] if all(k in f for f in flat)]
+            summary.setdefault(d, {})[m] = {k: spread([f[k] for f in flat]) for k in keys}
     return summary
+
+
+def audit_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """Every evaluated model's audit (docs/evaluation.md): checks passed in how many runs."""
+    lines = ["# Audit of every evaluated model", "",
+             "Each cell: runs passing / runs audited. A failing check means the robust accuracy",
+             "of that model is not to be trusted as measured (docs/evaluation.md).", ""]
+    for d, models in per_run.items():
+        checks = sorted({c for runs in models.values() for r in runs for c in r.get("audit", {})})
+        if not checks:
+            continue
+        lines += [f"## {DATASET_LABELS.get(d, d)}", "", "| model | " + " | ".join(checks) + " |",
+                  "|---" * (len(checks) + 1) + "|"]
+        for m, runs in models.items():
+            cells = []
+            for c in checks:
+                seen = [r["audit"][c]["pass"] for r in runs if c in r.get("audit", {})]
+                cells.append(f"{sum(seen)}/{len(seen)}" + ("" if all(seen) else " **fail**") if seen else "-")
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def paper_values() -> dict[str, Any]:
@@ -191,10 +222,15 @@ def comparison(summary: dict, paper: dict) -> str:
     return "\n".join(lines)
 
 
-def write_reports(summary: dict, out_dir: Path) -> list[Path]:
-    """Every report file from a summary; returns the paths written."""
+def write_reports(summary: dict, out_dir: Path, per_run: dict | None = None) -> list[Path]:
+    """Every report file from a summary (and the per-run metrics, for the audit); returns the
+    paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    if per_run is not None:
+        p = out_dir / "audit.md"
+        p.write_text(audit_table(per_run))
+        written.append(p)
     for which in ("table2", "table3"):
         for ext, latex in (("md", False), ("tex", True)):
             p = out_dir / f"{which}.{ext}"

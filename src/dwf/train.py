@@ -30,7 +30,6 @@ from dwf.config import TrainConfig
 from dwf.data import augment, batch_indices, to_unit
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A recipe's own loss, for objectives that are not cross-entropy on one batch."""
@@ -99,8 +98,9 @@ def _optimizer(model: nn.Module, phases: Sequence[Phase], cfg: TrainConfig) -> t
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tensor, y_train: torch.Tensor, *,
-        cfg: TrainConfig, seed: int, flip: bool, crop_padding: int, resume_path: Path,
+def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tensor,
+        y_train: torch.Tensor, *, cfg: TrainConfig, seed: int, flip: bool, crop_padding: int,
+        resume_path: Path,
         meta: dict[str, Any], device: torch.device, progress: bool = True,
         desc: str = "train") -> list[dict[str, float]]:
     """Train `model` in place with `recipe`; returns per-epoch history.

@@ -1,1 +1,77 @@
-"""Defenses: how each model is built and trained. One file per defense."""
+"""Defenses: how each model is built and trained. One file per defense.
+
+`DEFENSES` names every system the paper compares against (Tables 2-3); `train_defense` builds
+one from the profile's ResNet-18 arguments and its settings (params `baselines.<name>`),
+trains it with the shared loop and writes its checkpoint. DWF itself lives in `dwf.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dwf import models
+from dwf.config import TrainConfig
+from dwf.defenses import advmoe, at, soe, trades
+from dwf.defenses.dwf import _finish, resume_path
+from dwf.train import Phase, Recipe, fit
+
+
+def _same(base: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    return base
+
+
+def _always(recipe: Recipe) -> Callable[[TrainConfig], Recipe]:
+    return lambda cfg: recipe
+
+
+@dataclass(frozen=True)
+class Defense:
+    """How a defense is built (architecture, its arguments) and trained (recipe or phases)."""
+
+    arch: str  # name in models.ARCHITECTURES
+    plan: Callable[[Any], Recipe | Sequence[Phase]]  # settings -> what fit runs
+    arch_kwargs: Callable[[dict[str, Any], Any], dict[str, Any]] = _same  # (ResNet-18 args, settings)
+
+
+DEFENSES: dict[str, Defense] = {
+    "resnet18": Defense("resnet18", _always(at.benign_batch)),
+    "resnet18_fgsm_at": Defense("resnet18", _always(at.fgsm_at_batch)),
+    "resnet18_pgd_at": Defense("resnet18", _always(at.pgd_at_batch)),
+    "trades": Defense("resnet18", _always(trades.trades_batch)),
+    "soe": Defense("soe", _always(soe.soe_batch), soe.arch_kwargs),
+    "advmoe": Defense("advmoe_resnet18", advmoe.phases, advmoe.arch_kwargs),
+}
+
+
+def train_defense(name: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConfig,
+                  arch_kwargs: dict[str, Any], dataset: str, seed: int, flip: bool,
+                  crop_padding: int, out: Path, device: torch.device, progress: bool = True
+                  ) -> list[dict]:
+    """Build and train defense `name`, write its checkpoint to `out`.
+
+    Args:
+        name: key of DEFENSES.
+        x, y: uint8 training images (N, 3, 32, 32) and labels.
+        cfg: the defense's settings (params `baselines.<name>`).
+        arch_kwargs: the profile's ResNet18 arguments (num_classes, width, mean, std).
+        seed: seeds the initialization and every random draw of training.
+    Returns:
+        per-epoch history.
+    """
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)}")
+    defense = DEFENSES[name]
+    kwargs = defense.arch_kwargs(arch_kwargs, cfg)
+    torch.manual_seed(seed)
+    model = models.build(defense.arch, **kwargs).to(device)
+    meta = {"arch": defense.arch, "arch_kwargs": kwargs, "dataset": dataset, "defense": name}
+    history = fit(model, defense.plan(cfg), x, y, cfg=cfg, seed=seed, flip=flip,
+                  crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
+                  device=device, progress=progress, desc=f"{out.stem} ({name})")
+    _finish(out, model, meta, cfg, seed, history)
+    return history

@@ -6,10 +6,13 @@ from typing import Any, Callable
 
 from torch import nn
 
+from dwf.models.advmoe import ADVMoEResNet18
 from dwf.models.moe import Router, SoftMoE
 from dwf.models.resnet import Normalize, ResNet18
+from dwf.models.soe import SoE
 
-__all__ = ["ARCHITECTURES", "build", "Normalize", "ResNet18", "Router", "SoftMoE"]
+__all__ = ["ARCHITECTURES", "build", "ADVMoEResNet18", "Normalize", "ResNet18", "Router", "SoE",
+           "SoftMoE"]
 
 
 def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 128),
@@ -21,6 +24,8 @@ def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 1
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "softmoe": _softmoe,
+    "soe": SoE,
+    "advmoe_resnet18": ADVMoEResNet18,
 }
 
 

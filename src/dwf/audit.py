@@ -1,0 +1,270 @@
+"""Sanity checks against gradient masking and broken attacks (Carlini et al. 2019, "On Evaluating
+Adversarial Robustness"; AutoAttack's flags), computed on the model at hand.
+
+Every check returns {"pass": bool, "value": the figure behind it}. Accuracies are in percent of
+the audited examples; "noise" is one example or 0.5 points, whichever is larger.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dwf import attacks
+from dwf.config import EvalConfig
+from dwf.runtime import derive_seed
+
+Check = dict[str, Any]             # {"pass": bool, "value": ...}
+EPS_FRACTIONS = (0.0, 0.25, 0.5, 1.0, 2.0)   # the eps sweep, as multiples of cfg.pgd_eps
+LARGE_EPS = 0.5                    # every image is within 0.5 of a uniform grey one
+NEAR_ZERO = 2.0                    # accuracy (%) that counts as "near zero" at LARGE_EPS
+CONVERGED = 0.5                    # points: doubling iterations and restarts must change less
+SQUARE_SLACK = 0.2                 # points: AutoAttack's check_square_sr threshold
+NONZERO_GRADS = 0.99               # fraction of examples with a non-zero input gradient
+
+
+def _acc(flags: torch.Tensor) -> float:
+    return round(100.0 * flags.float().mean().item(), 4)
+
+
+def _check(ok: bool, value: Any) -> Check:
+    return {"pass": bool(ok), "value": value}
+
+
+class Auditor:
+    """Runs one attack family on the audited examples in batches, recording correctness.
+
+    Args:
+        model: the classifier in eval mode; x, y: audited images in [0, 1] and labels (device).
+        attack: `attacks.pgd`-like (model, x, y, *, eps, alpha, steps, restarts, seed) -> x_adv.
+        batch_size: examples per attack call; seed: base seed of every random start.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: Callable,
+                 batch_size: int, seed: int):
+        self.model, self.x, self.y, self.attack = model, x, y, attack
+        self.batch_size, self.seed = batch_size, seed
+        self.max_excess = 0.0  # largest step outside the eps-ball or [0, 1] seen (pixel units)
+
+    def correct(self, fn: Callable, eps: float, only: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example correctness (bool, CPU) under fn(model, x, y) -> x_adv.
+
+        `only` (bool, CPU) restricts the attack to some examples; the others count as correct.
+        """
+        keep = torch.ones(len(self.x), dtype=torch.bool) if only is None else only
+        idx = keep.nonzero().squeeze(1).to(self.x.device)
+        out = [torch.zeros(0, dtype=torch.bool)]
+        for i in range(0, len(idx), self.batch_size):
+            x, y = self.x[idx[i:i + self.batch_size]], self.y[idx[i:i + self.batch_size]]
+            x_adv = fn(self.model, x, y)
+            excess = ((x_adv - x).abs().amax() - eps, -x_adv.amin(), x_adv.amax() - 1)
+            self.max_excess = max(self.max_excess, *(float(e) for e in excess))
+            if not torch.isfinite(x_adv).all():
+                self.max_excess = float("inf")
+            with torch.no_grad():
+                out.append((self.model(x_adv).argmax(1) == y).cpu())
+        flags = torch.ones(len(self.x), dtype=torch.bool)
+        flags[keep] = torch.cat(out)
+        return flags
+
+    def pgd(self, eps: float, alpha: float, steps: int, restarts: int = 1) -> torch.Tensor:
+        seed = derive_seed(self.seed, "audit", f"{eps:g}/{steps}/{restarts}")
+        return self.correct(lambda m, x, y: self.attack(
+            m, x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed), eps)
+
+
+def _noise(n: int) -> float:
+    return max(CONVERGED, 100.0 / n)
+
+
+def _monotone(accs: list[float], n: int) -> bool:
+    """No value exceeds an earlier (weaker-attack) one by more than the noise."""
+    return all(a <= min(accs[:i]) + _noise(n) for i, a in enumerate(accs) if i)
+
+
+def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_step: Callable,
+                  square: Callable | None) -> dict[str, Check]:
+    """Checks that run attacks: eps and iteration sweeps, large eps, convergence, Square.
+
+    The audited PGD is the strong budget (cfg.strong_steps x cfg.strong_restarts) at pgd_eps.
+    """
+    n, eps, k, r = len(clean), cfg.pgd_eps, cfg.strong_steps, cfg.strong_restarts
+    ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25  # step size as a share of eps
+    sweep = {f: aud.pgd(min(1.0, f * eps), ratio * min(1.0, f * eps), k) for f in EPS_FRACTIONS}
+    fgsm = aud.correct(lambda m, x, y: single_step(m, x, y, eps=eps), eps)
+    # increasing effort; the last two are the strong budget and its doubling (iterations, restarts)
+    iters = sorted({(max(1, k // 4), 1), (max(1, k // 2), 1), (k, 1), (k, r)}) + [(2 * k, 2 * r)]
+    by_iter = {(s, rr): sweep[1.0] if (s, rr) == (k, 1) else aud.pgd(eps, cfg.pgd_alpha, s, rr)
+               for s, rr in iters}
+    large = aud.pgd(LARGE_EPS, LARGE_EPS / 8, max(k, 20))
+    best_white = torch.stack([fgsm, *by_iter.values()]).all(dim=0)  # every white-box attack at eps
+    base, doubled = by_iter[iters[-2]], by_iter[iters[-1]]
+    checks = {
+        "eps0_equals_clean": _check(torch.equal(sweep[0.0], clean),
+                                    {"clean": _acc(clean), "eps0": _acc(sweep[0.0]),
+                                     "differing": int((sweep[0.0] != clean).sum())}),
+        "iterative_beats_single_step": _check(
+            100.0 * (~fgsm & sweep[1.0]).float().mean().item() <= _noise(n)
+            and _acc(sweep[1.0]) <= _acc(fgsm),
+            {"fgsm": _acc(fgsm), f"pgd{k}": _acc(sweep[1.0]),
+             "fgsm_only_fooled_pct": _acc(~fgsm & sweep[1.0])}),
+        "monotone_eps": _check(_monotone([_acc(f) for f in sweep.values()], n),
+                               [[round(min(1.0, f * eps), 6), _acc(v)] for f, v in sweep.items()]),
+        "monotone_iterations": _check(_monotone([_acc(v) for v in by_iter.values()], n),
+                                      [[s, r, _acc(v)] for (s, r), v in by_iter.items()]),
+        "large_eps_zero": _check(_acc(large) <= NEAR_ZERO, {"eps": LARGE_EPS, "acc": _acc(large)}),
+        "converged": _check(abs(_acc(base) - _acc(doubled)) < CONVERGED,
+                            {f"pgd{iters[-2][0]}x{iters[-2][1]}": _acc(base),
+                             f"pgd{iters[-1][0]}x{iters[-1][1]}": _acc(doubled)}),
+    }
+    if square is not None:
+        sq = aud.correct(lambda m, x, y: square(m, x, y, eps=eps), eps, only=best_white)
+        gain = _acc(~sq)  # run only where white-box failed: what Square alone fools
+        checks["square_vs_whitebox"] = _check(gain <= SQUARE_SLACK, {
+            "whitebox_worst_case": _acc(best_white), "then_square": _acc(best_white & sq),
+            "square_only_pct": gain})
+    checks["in_ball"] = _check(aud.max_excess <= 1e-6, {"max_excess": aud.max_excess})
+    return checks
+
+
+# ---------------------------------------------------------------- checks of the model itself
+
+
+def gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Check:
+    """Input gradients of the margin loss (it never saturates, unlike CE) are finite and non-zero."""
+    _, grad_fraction = _grad_stats(model, x, y, "ce")
+    finite, nonzero = _grad_stats(model, x, y, "margin")
+    return _check(finite == 1.0 and nonzero >= NONZERO_GRADS,
+                  {"finite": finite, "nonzero_margin": nonzero, "nonzero_ce": grad_fraction})
+
+
+def _grad_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[float, float]:
+    grad, _ = attacks._input_grad(model, x, y, attacks.LOSSES[loss])
+    g = grad.flatten(1)
+    finite = torch.isfinite(g).all(dim=1)
+    nonzero = finite & (g.abs().amax(dim=1) > 0)
+    return finite.float().mean().item(), nonzero.float().mean().item()
+
+
+@torch.no_grad()
+def determinism_check(model: nn.Module, x: torch.Tensor) -> Check:
+    """Two forward passes on the same batch agree (so EoT is not needed)."""
+    a, b = model(x), model(x)
+    diff = (a - b).abs().max().item()
+    scale = a.abs().max().item() or 1.0
+    same_pred = torch.equal(a.argmax(1), b.argmax(1))
+    return _check(diff <= 1e-5 * scale and same_pred, {"max_abs_diff": diff, "same_predictions": same_pred})
+
+
+@torch.no_grad()
+def logits_check(model: nn.Module, x: torch.Tensor) -> Check:
+    """Outputs are logits: not in [0, 1] with rows summing to one (AutoAttack's check_range_output)."""
+    out = model(x)
+    row_sum_dev = (out.sum(1) - 1).abs().max().item()
+    probs = out.min().item() > -1e-5 and out.max().item() < 1 + 1e-5 and row_sum_dev < 1e-4
+    return _check(not probs, {"min": round(out.min().item(), 6), "max": round(out.max().item(), 6),
+                              "max_row_sum_minus_1": round(row_sum_dev, 6)})
+
+
+# ---------------------------------------------------------------- attack unit test
+
+
+class KnownAdversary(nn.Module):
+    """Linear two-class model s(x) = v.x - t on given images, whose minimal L-inf adversarial
+    perturbation (inside [0, 1]) is known exactly, so an attack's misses can be counted.
+
+    Args:
+        x: the images it is built for (N, C, H, W); seed: draws the sign pattern v.
+    """
+
+    def __init__(self, x: torch.Tensor, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randint(0, 2, x.shape[1:], generator=gen).float() * 2 - 1
+        self.register_buffer("v", v.to(x.device))
+        proj = (x * self.v).flatten(1).sum(1).sort().values
+        mid = max(0, len(proj) // 2 - 1)  # threshold between two images: none lies on the boundary
+        self.t = ((proj[mid] + proj[min(mid + 1, len(proj) - 1)]) / 2).item()
+        self.scale = (proj - self.t).std().item() or 1.0  # logits of order one: CE does not saturate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = ((x * self.v).flatten(1).sum(1) - self.t) / self.scale
+        return torch.stack([s, -s], dim=1)  # class 0 iff s > 0
+
+    def needed_eps(self, x: torch.Tensor) -> torch.Tensor:
+        """Smallest L-inf budget that crosses the boundary inside [0, 1] (inf if none), (N,)."""
+        gap = (x * self.v).flatten(1).sum(1) - self.t
+        toward = -torch.sign(gap).view(-1, *[1] * (x.dim() - 1)) * self.v  # direction of each pixel
+        room = torch.where(toward > 0, 1 - x, x).flatten(1)  # how far each pixel can move
+        lo, hi = torch.zeros_like(gap), torch.ones_like(gap)
+        for _ in range(40):  # bisection on the monotone sum_j min(e, room_j)
+            mid = (lo + hi) / 2
+            ok = torch.minimum(room, mid[:, None]).sum(1) > gap.abs()
+            hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+        reachable = room.sum(1) > gap.abs()
+        return torch.where(reachable, hi, torch.full_like(hi, float("inf")))
+
+
+def known_adversary_check(attack: Callable, x: torch.Tensor, cfg: EvalConfig, seed: int,
+                          batch_size: int) -> Check:
+    """The attack finds every adversarial example that exists in the ball and none that cannot.
+
+    The budget is the median needed eps, so about half the examples have an adversarial example;
+    examples within 10% of their needed eps are left out (numerical ties).
+    """
+    probe = KnownAdversary(x, seed)
+    need = probe.needed_eps(x)
+    eps = need[torch.isfinite(need)].median().item()
+    with torch.no_grad():
+        y = probe(x).argmax(1)
+    aud = Auditor(probe, x, y, attack=attack, batch_size=batch_size, seed=seed)
+    ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25
+    correct = aud.pgd(eps, ratio * eps, cfg.strong_steps).to(x.device)
+    exists, impossible = need < 0.9 * eps, need > 1.1 * eps
+    found = (~correct & exists).sum().item() / max(1, exists.sum().item())
+    false = int((~correct & impossible).sum())
+    return _check(found >= 0.99 and false == 0 and exists.any().item() and impossible.any().item(),
+                  {"eps": round(eps, 6), "found": round(found, 4), "n_exists": int(exists.sum()),
+                   "fooled_where_impossible": false})
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def worst_case_check(metrics: dict[str, Any], flags: dict[str, torch.Tensor]) -> Check:
+    """The reported worst case is the per-example AND over every attack (one run on a first-N
+    subset counts there only), and at most the lowest accuracy of any full-set attack."""
+    n = max(len(f) for f in flags.values())
+    worst = torch.ones(n, dtype=torch.bool)
+    for f in flags.values():
+        worst[:len(f)] &= f
+    lowest = min(_acc(f) for f in flags.values() if len(f) == n)
+    reported = metrics.get("worst_case")
+    return _check(reported is not None and abs(reported - _acc(worst)) < 1e-3 and reported <= lowest,
+                  {"reported": reported, "recomputed": _acc(worst), "lowest_single_attack": lowest,
+                   "n_attacks": len(flags)})
+
+
+def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig, seed: int,
+          attack: Callable = attacks.pgd, single_step: Callable = attacks.fgsm,
+          square: Callable | None = None) -> dict[str, Check]:
+    """Every check on audited examples x, y (on the model's device, model in eval mode).
+
+    Args:
+        attack, single_step: the iterative and one-step attacks under audit.
+        square: gradient-free attack (model, x, y, *, eps) -> x_adv, or None to skip that check.
+    Returns:
+        {check name: {"pass": bool, "value": figure}}.
+    """
+    aud = Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=seed)
+    clean = aud.correct(lambda m, xb, yb: xb, 0.0)
+    checks = attack_checks(aud, cfg, clean, single_step, square)
+    xb, yb = x[:cfg.batch_size], y[:cfg.batch_size]
+    checks["gradients_nonzero"] = gradient_check(model, xb, yb)
+    checks["deterministic"] = determinism_check(model, xb)
+    checks["outputs_are_logits"] = logits_check(model, xb)
+    checks["attack_finds_known_adversarial"] = known_adversary_check(
+        attack, xb, cfg, derive_seed(seed, "audit", "known"), cfg.batch_size)
+    return checks

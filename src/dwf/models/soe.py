@@ -1,0 +1,69 @@
+"""Synergy-of-Experts (Cui et al., NeurIPS 2022): sub-models that each say how sure they are.
+
+Every sub-model i is a ResNet-18 with, besides its classifier z_i, a confidence head a_i (one
+logit) on the same pooled features (the official code's "simple" head). Its *rectified
+confidence* is r_i = max_k softmax(z_i)_k * sigmoid(a_i); the sub-model with the highest r_i
+answers alone. The selection is hard (argmax, no gradient), so white-box gradients flow only
+through the answering sub-model: the gate-aware attacks of the evaluation should be used on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dwf.models.resnet import ResNet18
+
+
+class SoE(nn.Module):
+    """Hard-selected ensemble of ResNet-18 sub-models with confidence heads.
+
+    `forward` returns the selected sub-model's logits (N, C); `gate_weights` exposes the
+    selection as one-hot weights (N, M) so that forward == sum_i w_i * expert_logits_i.
+
+    Args:
+        n_submodels: M, the number of sub-models (official code: 3).
+        num_classes, width, mean, std: ResNet18 arguments shared by every sub-model.
+    """
+
+    def __init__(self, n_submodels: int = 3, num_classes: int = 10, width: int = 64,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+        super().__init__()
+        self.submodels = nn.ModuleList(
+            ResNet18(num_classes, width, mean, std) for _ in range(n_submodels))
+        self.confidence = nn.ModuleList(nn.Linear(8 * width, 1) for _ in range(n_submodels))
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sub-model's class logits (N, M, C) and confidence logits (N, M)."""
+        logits, aux = [], []
+        for net, head in zip(self.submodels, self.confidence):
+            h = net.features(x)  # (N, 8w), shared by both heads
+            logits.append(net.linear(h))
+            aux.append(head(h).squeeze(1))
+        return torch.stack(logits, 1), torch.stack(aux, 1)
+
+    @staticmethod
+    def rectified_confidence(logits: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """r = max softmax(z) * sigmoid(a), shape (N, M)."""
+        return logits.softmax(-1).amax(-1) * torch.sigmoid(aux)
+
+    @staticmethod
+    def select(logits: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C) of the sub-model with the highest rectified confidence."""
+        mask = nn.functional.one_hot(r.detach().argmax(1), logits.shape[1]).to(logits.dtype)
+        # a masked sum, not gather/indexing: its backward is deterministic on CUDA
+        return (mask[:, :, None] * logits).sum(1)
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every sub-model's logits, shape (N, M, C)."""
+        return self.outputs(x)[0]
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The hard selection as one-hot weights, shape (N, M) (for analysis, no gradient)."""
+        logits, aux = self.outputs(x)
+        best = self.rectified_confidence(logits, aux).argmax(1)
+        return nn.functional.one_hot(best, len(self.submodels)).to(logits.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, aux = self.outputs(x)
+        return self.select(logits, self.rectified_confidence(logits, aux))  # (N, C)

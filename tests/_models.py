@@ -1,0 +1,57 @@
+"""Small digits models trained inside the test tier (shared by the evaluation tests)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dwf import checkpoint, models
+from dwf.config import TrainConfig
+from dwf.data import download, load_split, mean_std, to_unit
+from dwf.defenses.dwf import train_expert
+
+WIDTH = 4
+EPS = 0.1  # the digits demo's budget (pixel units): separates plain from adversarial training
+
+
+def digits_root(root: Path) -> Path:
+    download("digits", root, progress=False)
+    return root
+
+
+def first_test_images(root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n digits test images in [0, 1] and their labels."""
+    x, y = load_split("digits", digits_root(root), "test")
+    return to_unit(x[:n]), y[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def trained(kind: str, root: str, epochs: int = 4) -> nn.Module:
+    """A width-4 ResNet-18 trained on digits with an expert recipe ('benign' or 'pgd'), eval mode."""
+    x, y = load_split("digits", digits_root(Path(root)), "train")
+    mean, std = mean_std("digits")
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, pgd_eps=EPS, pgd_alpha=EPS / 4,
+                      pgd_steps=(4,), fgsm_eps=(EPS,))
+    out = Path(root) / f"{kind}.pt"
+    if not out.is_file():
+        train_expert(kind, x, y, cfg=cfg, arch_kwargs={"num_classes": 10, "width": WIDTH, "mean": mean,
+                     "std": std}, dataset="digits", seed=0, flip=False, crop_padding=2, out=out,
+                     device=torch.device("cpu"), progress=False)
+    return checkpoint.load_model(out)
+
+
+def mixture(*experts: nn.Module, seed: int = 0) -> models.SoftMoE:
+    """A SoftMoE over copies of trained experts with a fresh small router, eval mode."""
+    torch.manual_seed(seed)
+    moe = models.SoftMoE([_copy(e) for e in experts], experts[0].normalize.mean.flatten().tolist(),
+                         experts[0].normalize.std.flatten().tolist(), router_hidden=(16,))
+    return moe.eval()
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    clone = models.ResNet18(num_classes=model.linear.out_features, width=model.conv1.out_channels)
+    clone.load_state_dict(model.state_dict())
+    return clone

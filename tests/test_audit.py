@@ -1,0 +1,183 @@
+"""Every audit check passes on a correctly evaluated model and fails on a deliberately broken one."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from dwf import adaptive, attacks, audit
+from dwf.config import EvalConfig
+
+from _models import EPS, first_test_images, trained
+
+CFG = EvalConfig(batch_size=64, pgd_eps=EPS, pgd_alpha=EPS / 4, pgd_steps=(10,), strong_steps=10,
+                 strong_restarts=1, square_queries=100)
+SQUARE = functools.partial(adaptive.square, queries=CFG.square_queries, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    x, y = first_test_images(root, 48)
+    return trained("benign", str(root), 3), x, y
+
+
+def _attack_checks(model, x, y, attack=attacks.pgd, cfg=CFG, square=SQUARE):
+    aud = audit.Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=0)
+    clean = aud.correct(lambda m, xb, yb: xb, 0.0)
+    return audit.attack_checks(aud, cfg, clean, attacks.fgsm, square)
+
+
+# ---------------------------------------------------------------- broken models and attacks
+
+
+class MaskedGradients(nn.Module):
+    """Quantizes its input: the gradient is zero almost everywhere, the model is not robust."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 8) / 8)
+
+
+class Randomized(MaskedGradients):
+    def forward(self, x):
+        return self.model(x + 0.3 * torch.randn_like(x))
+
+
+class Softmax(MaskedGradients):
+    def forward(self, x):
+        return self.model(x).softmax(dim=1)
+
+
+def sign_flipped(model, x, y, **kw):
+    """PGD descending the loss instead of ascending it."""
+    negative = lambda logits, y_: -attacks.cross_entropy(logits, y_)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(attacks.LOSSES, "neg_ce", negative)
+        return attacks.pgd(model, x, y, **kw, loss="neg_ce")
+
+
+def one_step(model, x, y, **kw):
+    return attacks.pgd(model, x, y, **{**kw, "steps": 1})
+
+
+def ignores_eps(model, x, y, *, eps, alpha, **kw):
+    """Never attacks with less than 0.05: breaks eps = 0 and the ball."""
+    return attacks.pgd(model, x, y, eps=max(eps, 0.05), alpha=max(alpha, 0.0125), **kw)
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_every_check_passes_on_a_correct_evaluation(data):
+    model, x, y = data
+    checks = audit.audit(model, x, y, cfg=CFG, seed=0, square=SQUARE)
+    failed = {k: c["value"] for k, c in checks.items() if not c["pass"]}
+    assert not failed
+    assert set(checks) >= {"eps0_equals_clean", "iterative_beats_single_step", "monotone_eps",
+                           "monotone_iterations", "large_eps_zero", "converged", "square_vs_whitebox",
+                           "in_ball", "gradients_nonzero", "deterministic", "outputs_are_logits",
+                           "attack_finds_known_adversarial"}
+
+
+@pytest.mark.slow
+def test_masked_gradients_are_caught(data):
+    model, x, y = data
+    masked = MaskedGradients(model)
+    assert not audit.gradient_check(masked, x, y)["pass"]
+    checks = _attack_checks(masked, x, y)
+    assert not checks["square_vs_whitebox"]["pass"] or not checks["large_eps_zero"]["pass"]
+
+
+def test_randomized_forward_is_caught(data):
+    model, x, y = data
+    torch.manual_seed(0)
+    assert audit.determinism_check(model, x)["pass"]
+    assert not audit.determinism_check(Randomized(model), x)["pass"]
+
+
+def test_masked_gradients_fail_the_gradient_check(data):
+    model, x, y = data
+    assert audit.gradient_check(model, x, y)["pass"]
+    assert not audit.gradient_check(MaskedGradients(model), x, y)["pass"]
+
+
+@pytest.mark.slow
+def test_randomized_forward_breaks_eps0(data):
+    model, x, y = data
+    torch.manual_seed(0)
+    assert not _attack_checks(Randomized(model), x, y, square=None)["eps0_equals_clean"]["pass"]
+
+
+def test_softmax_output_is_caught(data):
+    model, x, _ = data
+    assert audit.logits_check(model, x)["pass"]
+    assert not audit.logits_check(Softmax(model), x)["pass"]
+
+
+@pytest.mark.slow
+def test_sign_flipped_attack_is_caught(data):
+    model, x, y = data
+    checks = _attack_checks(model, x, y, attack=sign_flipped, square=None)
+    assert not checks["iterative_beats_single_step"]["pass"]
+    assert not checks["large_eps_zero"]["pass"]
+    assert not audit.known_adversary_check(sign_flipped, x, CFG, 0, 48)["pass"]
+
+
+def test_attack_cut_to_one_step_is_caught(data):
+    model, x, y = data
+    checks = _attack_checks(model, x, y, attack=one_step, square=None)
+    assert not checks["iterative_beats_single_step"]["pass"]
+    assert not audit.known_adversary_check(one_step, x, CFG, 0, 48)["pass"]
+    assert audit.known_adversary_check(attacks.pgd, x, CFG, 0, 48)["pass"]
+
+
+def test_unconverged_budget_is_caught(data):
+    model, x, y = data
+    short = EvalConfig(batch_size=64, pgd_eps=EPS, pgd_alpha=EPS / 20, pgd_steps=(1,), strong_steps=1,
+                       strong_restarts=1)
+    assert not _attack_checks(model, x, y, cfg=short, square=None)["converged"]["pass"]
+
+
+@pytest.mark.slow
+def test_attack_leaving_the_ball_is_caught(data):
+    model, x, y = data
+    checks = _attack_checks(model, x, y, attack=ignores_eps, square=None)
+    assert not checks["eps0_equals_clean"]["pass"] and not checks["in_ball"]["pass"]
+
+
+def test_known_adversary_ground_truth_is_exact(data):
+    _, x, _ = data
+    probe = audit.KnownAdversary(x, seed=1)
+    need = probe.needed_eps(x)
+    eps = need[torch.isfinite(need)].median().item()
+    with torch.no_grad():
+        y = probe(x).argmax(1)
+        # the optimal attack of a linear model: every pixel moves by eps toward the boundary
+        gap = probe(x)[:, 0]
+        step = -torch.sign(gap).view(-1, 1, 1, 1) * probe.v * eps
+        fooled = probe((x + step).clamp(0, 1)).argmax(1) != y
+    assert torch.equal(fooled[need < 0.99 * eps], torch.ones_like(fooled[need < 0.99 * eps]))
+    assert not fooled[need > 1.01 * eps].any()
+
+
+def test_accuracy_rising_beyond_noise_breaks_monotonicity():
+    assert audit._monotone([50.0, 40.0, 40.5], 1000)  # 0.5 points: noise
+    assert not audit._monotone([50.0, 40.0, 45.0], 1000)
+    assert audit._monotone([50.0, 40.0, 45.0], 20)  # one example of 20 is 5 points
+
+
+def test_misreported_worst_case_is_caught():
+    flags = {"clean": torch.tensor([True, True, True, False]),
+             "a": torch.tensor([True, False, True, False]), "b": torch.tensor([False, True, True, False]),
+             "subset": torch.tensor([True, True])}
+    assert audit.worst_case_check({"worst_case": 25.0}, flags)["pass"]
+    assert not audit.worst_case_check({"worst_case": 50.0}, flags)["pass"]  # min over attacks
+    assert not audit.worst_case_check({"worst_case": 100 * 3 / 8}, flags)["pass"]  # mean of attacks

@@ -1,0 +1,95 @@
+"""Attacks aimed at the mixture, AutoAttack, resumable evaluation, and the strong-eval metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwf import adaptive, attacks, evaluate as ev, models
+from dwf.config import EvalConfig
+from dwf.data import load_split
+
+from _models import EPS, digits_root, first_test_images, mixture, trained
+
+CFG = EvalConfig(n_examples=24, batch_size=12, fgsm_eps=(EPS,), pgd_eps=EPS, pgd_alpha=EPS / 4,
+                 pgd_steps=(4,), ms_steps=4, ms_restarts=1, adaptive_steps=4, strong_steps=8,
+                 autoattack_n=12, audit=False, square_queries=20)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return digits_root(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def plain(root):
+    return trained("benign", str(root), 3)
+
+
+def test_weakest_expert_and_gate_attack(root, plain):
+    x, y = first_test_images(root, 24)
+    untrained = models.build("resnet18", num_classes=10, width=4).eval()
+    moe = mixture(plain, untrained)
+    k = adaptive.weakest_expert(moe, x, y)
+    with torch.no_grad():
+        margins = torch.stack([attacks.margin(e(x), y) for e in moe.experts], dim=1)
+    assert torch.equal(k, margins.argmax(1))
+    x_adv = adaptive.gate_attack(moe, x, y, eps=EPS, alpha=EPS / 4, steps=8, seed=0)
+    assert (x_adv - x).abs().max() <= EPS + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    rows = torch.arange(len(k))
+    with torch.no_grad():  # the gate moved toward the weakest expert
+        assert moe.gate_weights(x_adv)[rows, k].mean() > moe.gate_weights(x)[rows, k].mean()
+
+
+def test_autoattack_cascade_is_monotone(root, plain):
+    x, y = first_test_images(root, 12)
+    flags = adaptive.autoattack(plain, x, y, eps=EPS, seed=0, square_queries=20)
+    assert list(flags) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    with torch.no_grad():
+        clean = plain(x).argmax(1) == y
+    previous = clean
+    for f in flags.values():  # each attack only removes examples
+        assert not (f & ~previous).any()
+        previous = f
+    assert previous.float().mean() < clean.float().mean()
+
+
+def test_evaluate_reports_every_group_and_resumes(root, plain, tmp_path, monkeypatch):
+    x, y = load_split("digits", root, "test")
+    moe = mixture(plain, plain)
+    kw = dict(cfg=CFG, seed=0, device=CPU, progress=False, sources={"plain": plain}, state=tmp_path)
+    metrics = ev.evaluate(moe, x, y, **kw)
+    assert set(metrics["strong"]) == {"pgd_dlr", "pgd_margin", "gate", "expert_0", "expert_1",
+                                      "transfer_plain"}
+    assert set(metrics["autoattack"]) >= {"apgd-ce", "apgd-t", "fab-t", "square"}
+    every = [metrics["clean"], *metrics["strong"].values(), *metrics["pgd"].values()]
+    assert metrics["worst_case"] <= min(every)
+    assert len(metrics["per_example"]["worst_case_correct"]) == CFG.n_examples
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished batch was recomputed")
+    monkeypatch.setattr(attacks, "pgd", refuse)
+    monkeypatch.setattr(attacks, "pgd_iterates", refuse)
+    monkeypatch.setattr(adaptive, "autoattack", refuse)
+    again = ev.evaluate(moe, x, y, **kw)
+    assert {k: again[k] for k in ("worst_case", "strong", "autoattack")} == \
+        {k: metrics[k] for k in ("worst_case", "strong", "autoattack")}
+
+
+def test_worst_case_counts_subset_attacks_only_where_they_ran():
+    flags = {"clean": torch.tensor([True, True, True]), "aa": torch.tensor([False])}
+    assert ev.worst_case(flags).tolist() == [False, True, True]
+
+
+@pytest.mark.slow
+def test_undefended_falls_where_adversarial_training_holds(root, plain):
+    x, y = first_test_images(root, 120)
+    robust = trained("pgd", str(root), 4)
+    acc = {}
+    for name, m in {"plain": plain, "robust": robust}.items():
+        x_adv = attacks.pgd(m, x, y, eps=EPS, alpha=EPS / 4, steps=20, seed=0)
+        with torch.no_grad():
+            acc[name] = (m(x_adv).argmax(1) == y).float().mean().item()
+    assert acc["plain"] <= 0.1
+    assert acc["robust"] >= acc["plain"] + 0.3
