@@ -153,3 +153,14 @@ def test_no_environment_secret_reaches_any_output(tiny_params, tmp_path, monkeyp
     for p in written:
         blob = p.read_bytes()
         assert not any(s.encode() in blob for s in secrets.values()), p
+
+
+def test_bad_cli_options_are_one_line_and_exit_2():
+    """Through the console entry (`python -m dwf`), not only through typer's test runner."""
+    for args, needle in ((["train-expert", "--run", "abc"], "--run"),
+                         (["evaluate", "--run", "-1"], "--run"),
+                         (["no-such-stage"], "no-such-stage")):
+        proc = _dwf(*args)
+        _, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], err

@@ -93,3 +93,12 @@ def test_undefended_falls_where_adversarial_training_holds(root, plain):
             acc[name] = (m(x_adv).argmax(1) == y).float().mean().item()
     assert acc["plain"] <= 0.1
     assert acc["robust"] >= acc["plain"] + 0.3
+
+
+def test_worst_case_is_taken_at_the_threat_model_eps():
+    """FGSM beyond pgd_eps is another threat model: reported, not folded into the worst case."""
+    t, f = True, False
+    flags = {"clean": torch.tensor([t, t]), "fgsm/0.05": torch.tensor([t, f]),
+             "fgsm/0.2": torch.tensor([f, f]), "pgd/10": torch.tensor([t, t])}
+    out = ev.summarize(flags, eps=0.1)
+    assert out["worst_case"] == 50.0 and out["fgsm"]["0.2"] == 0.0

@@ -1,3 +1,3 @@
-from dwf.cli import app
+from dwf.cli import main
 
-app()
+main()

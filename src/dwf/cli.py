@@ -323,9 +323,17 @@ def bench(device: DeviceOpt = None,
     typer.echo(f"wrote {out}")
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app(prog_name="dwf")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def main() -> None:
+    """Console entry: like `app()`, but a bad option or argument is one line and exit code 2."""
+    try:
+        code = app(prog_name="dwf", standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except Exception as e:  # click's usage errors (bad option, value, command) carry exit code 2
+        if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `dwf {ctx.info_name} --help`)" if ctx is not None and ctx.parent else ""
+        typer.echo(f"error: {e.format_message()}{hint}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
