@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dwf.attacks import _check_budget, _pgd_run, attack_score, cross_entropy, margin
+from dwf.attacks import _check_budget, _pgd_run, cross_entropy, margin, worst_of
 
 # ---------------------------------------------------------------- attacks aimed at a mixture
 
@@ -42,18 +42,12 @@ def pgd_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective:
     """
     _check_budget(eps, alpha)
     target = _AsModel(objective, y)
-    best, best_wrong, best_margin = None, None, None
-    for r in range(restarts):
+
+    def run(r: int) -> torch.Tensor:
         gen = None if seed is None else torch.Generator().manual_seed(seed + r)
-        x_adv = _pgd_run(target, x, y, eps, alpha, steps, True, gen, lambda out, _: out)
-        wrong, value = attack_score(model, x_adv, y, "margin")
-        if best is None:
-            best, best_wrong, best_margin = x_adv, wrong, value
-            continue
-        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_margin))
-        best = torch.where(better.view(-1, 1, 1, 1), x_adv, best)
-        best_wrong, best_margin = best_wrong | wrong, torch.where(better, value, best_margin)
-    return best.detach()
+        return _pgd_run(target, x, y, eps, alpha, steps, True, gen, lambda out, _: out)
+
+    return worst_of(model, (run(r) for r in range(restarts)), y, "margin")
 
 
 @torch.no_grad()

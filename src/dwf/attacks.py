@@ -8,7 +8,7 @@ with `torch.autograd.grad` (no parameter `.grad` is written), never changes `mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Callable
 
 import torch
@@ -154,14 +154,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}")
     loss_fn = LOSSES[loss]
+
+    def run(r: int) -> torch.Tensor:
+        gen = None if seed is None else torch.Generator().manual_seed(seed + r)
+        return _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn)
+
+    if restarts == 1:
+        return run(0).detach()
+    return worst_of(model, (run(r) for r in range(restarts)), y, loss)
+
+
+def worst_of(model: nn.Module, candidates: Iterable[torch.Tensor], y: torch.Tensor,
+             loss: str = "ce") -> torch.Tensor:
+    """Per example, the candidate that misclassifies, else the one with the highest loss.
+
+    Candidates are consumed one at a time, so restarts never hold more than two batches.
+    """
     best, best_wrong, best_loss = None, None, None
-    for r in range(restarts):
-        gen = None
-        if seed is not None:
-            gen = torch.Generator().manual_seed(seed + r)
-        x_adv = _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn)
-        if restarts == 1:
-            return x_adv.detach()
+    for x_adv in candidates:
         wrong, value = attack_score(model, x_adv, y, loss)
         if best is None:
             best, best_wrong, best_loss = x_adv, wrong, value

@@ -25,6 +25,8 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a value of this dataset's section, e.g. expert.epochs=2")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda if present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+CkptOutOpt = Annotated[Optional[Path], typer.Option("--out", help="checkpoint path")]
+HistoryOpt = Annotated[Optional[Path], typer.Option("--history", help="training curve JSON")]
 
 
 def _fail(message: str) -> None:
@@ -92,8 +94,8 @@ def download(dataset: DatasetOpt = "digits", params: ParamsOpt = Path("params.ya
 @stage
 def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. benign, fgsm_0, pgd_3")],
                  dataset: DatasetOpt = "digits", run: RunOpt = 0,
-                 out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
-                 history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
+                 out: CkptOutOpt = None,
+                 history: HistoryOpt = None,
                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                  device: DeviceOpt = None, quiet: QuietOpt = False):
     """Pretrain one expert (Algorithms 1-2) on the training split."""
@@ -120,8 +122,8 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
 @stage
 def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
                 experts_dir: Annotated[Optional[Path], typer.Option(help="folder of expert checkpoints")] = None,
-                out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
-                history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
+                out: CkptOutOpt = None,
+                history: HistoryOpt = None,
                 params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 device: DeviceOpt = None, quiet: QuietOpt = False):
     """Train the mixture end to end on [clean, FGSM, PGD] batches (Algorithm 3)."""
@@ -147,8 +149,8 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
 def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet18_fgsm_at, "
                                                     "resnet18_pgd_at, trades, soe, advmoe")],
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
-          out: Annotated[Optional[Path], typer.Option(help="checkpoint path")] = None,
-          history: Annotated[Optional[Path], typer.Option(help="training curve JSON")] = None,
+          out: CkptOutOpt = None,
+          history: HistoryOpt = None,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
           device: DeviceOpt = None, quiet: QuietOpt = False):
     """Train one system the paper compares against, with its settings (baselines.NAME)."""
