@@ -140,6 +140,7 @@ def test_dvc_repro_digits_end_to_end(tmp_path):
     sh(repo, "dvc", "exp", "apply", "HEAD", ok=False)
     shutil.rmtree(repo / "models")
     shutil.rmtree(repo / ".dvc" / "cache")
+    sh(repo, "git", "checkout", "-q", "--", "models")  # a fresh clone has the tracked .gitignore files
     sh(repo, "dvc", "pull")
     status = sh(repo, "dvc", "status").stdout
     assert "up to date" in status, status
