@@ -17,7 +17,7 @@ import torch
 from dwf import models
 from dwf.config import TrainConfig
 from dwf.defenses import advmoe, at, soe, trades
-from dwf.defenses.dwf import _finish, resume_path
+from dwf.defenses.dwf import finish_stage, resume_path
 from dwf.train import Phase, Recipe, fit
 
 
@@ -73,5 +73,5 @@ def train_defense(name: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConf
     history = fit(model, defense.plan(cfg), x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
                   device=device, progress=progress, desc=f"{out.stem} ({name})")
-    _finish(out, model, meta, cfg, seed, history)
+    finish_stage(out, model, meta, cfg, seed, history)
     return history

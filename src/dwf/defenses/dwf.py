@@ -64,8 +64,9 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def _finish(out: Path, model: nn.Module, meta: dict[str, Any], cfg: TrainConfig, seed: int,
-            history: list) -> None:
+def finish_stage(out: Path, model: nn.Module, meta: dict[str, Any], cfg: TrainConfig, seed: int,
+                 history: list) -> None:
+    """Write a finished stage's final checkpoint, then drop its resume file."""
     checkpoint.save(out, {**meta, "state_dict": model.state_dict(), "epoch": cfg.epochs,
                           "config": {"train": dataclasses.asdict(cfg), "seed": seed},
                           "history": history})
@@ -95,7 +96,7 @@ def train_expert(kind: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConfi
     history = fit(model, EXPERT_RECIPES[kind], x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
                   device=device, progress=progress, desc=f"{out.stem} ({kind})")
-    _finish(out, model, meta, cfg, seed, history)
+    finish_stage(out, model, meta, cfg, seed, history)
     return history
 
 
@@ -131,5 +132,5 @@ def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, 
     history = fit(moe, joint_batch, x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
                   device=device, progress=progress, desc=f"{out.stem} (joint)")
-    _finish(out, moe, meta, cfg, seed, history)
+    finish_stage(out, moe, meta, cfg, seed, history)
     return history
