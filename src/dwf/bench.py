@@ -14,7 +14,6 @@ counts clean images per view. FLOPs are counted analytically (`resnet18_macs`), 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any

@@ -8,9 +8,7 @@ versions. It is written to a temporary file and renamed into place, and read onl
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from dwf import __version__, models
+from dwf.fileio import atomic_write
 
 FORMAT = "dwf-checkpoint/1"
 REQUIRED = ("format", "arch", "arch_kwargs", "state_dict")
@@ -40,30 +39,13 @@ def environment() -> dict[str, Any]:
     }
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), then rename tmp into `path`: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are shared through DVC caches
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint dict atomically (adds format tag and versions)."""
     payload = {"format": FORMAT, "versions": environment(), **payload}
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ValueError(f"checkpoint payload lacks {missing}")
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -60,10 +60,10 @@ def _context(params_path: Path, dataset: str, overrides: list[str] | None, devic
 
 
 def _write_json(path: Path, obj) -> None:
-    from dwf.checkpoint import atomic_write
+    from dwf.fileio import atomic_write
 
     text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -13,14 +13,14 @@ import contextlib
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dwf.fileio import atomic_write
 
 DATASETS = ("cifar10", "svhn", "digits")
 NUM_CLASSES = {"cifar10": 10, "svhn": 10, "digits": 10}
@@ -166,20 +166,6 @@ _SOURCES: dict[str, tuple[Callable, str]] = {
 # --- files --------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    # A crash mid-write leaves a stray temp file, never a half-written `path`.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -248,7 +234,7 @@ def download(name: str, root: Path, *, progress: bool = True) -> Path:
     for split, (x, y) in fetch(d / "raw", progress).items():
         _check_tensors(name, f"{source} {split}", x, y)
         path = d / f"{split}.pt"
-        _atomic_write(path, lambda f: torch.save({"x": x, "y": y}, f))
+        atomic_write(path, lambda f: torch.save({"x": x, "y": y}, f))
         manifest["splits"][split] = {
             "file": path.name,
             "count": len(y),
@@ -257,7 +243,7 @@ def download(name: str, root: Path, *, progress: bool = True) -> Path:
         }
         if progress:
             print(f"wrote {path} ({len(y)} examples)")
-    _atomic_write(d / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    atomic_write(d / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return d
 
 

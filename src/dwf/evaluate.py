@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dwf import adaptive, attacks, audit
-from dwf.checkpoint import atomic_write, environment
+from dwf.checkpoint import environment
+from dwf.fileio import atomic_write
 from dwf.config import EvalConfig
 from dwf.data import to_unit
 from dwf.runtime import derive_seed
@@ -92,7 +93,7 @@ def _chunk(state: Path | None, key: str, b: int, compute: Callable[[], Flags]) -
             return saved["flags"]
     flags = compute()
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save({"key": key, "flags": flags}, tmp))
+        atomic_write(path, lambda f: torch.save({"key": key, "flags": flags}, f))
     return flags
 
 
