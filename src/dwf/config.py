@@ -22,6 +22,7 @@ BN_MODES = ("eval", "train")
 NORMALIZATIONS = ("correct", "paper")
 AUTOATTACK_VERSIONS = ("standard", "plus")
 ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.md
+PRECISIONS = ("fp32", "bf16")  # training arithmetic; bf16 = autocast, docs/performance.md
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class TrainConfig:
     pgd_alpha: float = 2 / 255
     pgd_steps: tuple[int, ...] = (10, 20, 30, 40, 50)  # drawn per batch (Alg. 2)
     attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks (paper silent)
+    precision: str = "fp32"          # "bf16": autocast, stem + perturbation + loss stay fp32
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "lr")
@@ -52,6 +54,7 @@ class TrainConfig:
         for s in self.pgd_steps:
             _check(s >= 1, "pgd_steps", f"values >= 1, got {s}")
         _choice(self.attack_bn, "attack_bn", BN_MODES)
+        _choice(self.precision, "precision", PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,17 @@ def configure_determinism() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def autocast(precision: str, device: torch.device):
+    """The arithmetic of a training step: "fp32" (a no-op) or "bf16" autocast.
+
+    Under bf16 the convolutions and matmuls run in bfloat16; what must stay exact stays fp32
+    by construction: the images and their perturbation (fp32 tensors, elementwise updates),
+    the ResNet-18 stem and the logits (`models.resnet`), the gate's softmax and the mixing
+    (`models.moe`), hence every loss.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def derive_seed(base: int, *keys: int | str) -> int:
     """A 31-bit seed for (base, run, role ...): distinct streams, stable across machines."""
     spawn = tuple(k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dwf import checkpoint
 from dwf.config import TrainConfig
 from dwf.data import augment, batch_indices, to_unit
+from dwf.runtime import autocast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,8 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         for step, idx in enumerate(bar):
             x = augment(to_unit(x_train[idx]), flip=flip, padding=crop_padding, generator=rng)
             for k, phase in enumerate(phases):
-                out = _objective(model, phase.recipe(model, x, y_train[idx], cfg, rng))
+                with autocast(cfg.precision, device):  # crafting and forward; backward outside
+                    out = _objective(model, phase.recipe(model, x, y_train[idx], cfg, rng))
                 if not torch.isfinite(out[0]):  # one sync per step; a NaN must stop before the update
                     raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "
                                         f"last good checkpoint: {resume_path}")

@@ -89,8 +89,9 @@ def expert_logits(experts: Sequence[ResNet18], x: torch.Tensor) -> torch.Tensor:
     n_exp = len(experts)
     mean = _cat([f.normalize.mean.flatten() for f in experts]).view(1, -1, 1, 1)  # (1, E*3, 1, 1)
     std = _cat([f.normalize.std.flatten() for f in experts]).view(1, -1, 1, 1)
-    out = (x.repeat(1, n_exp, 1, 1) - mean) / std  # (N, E*3, H, W): expert i sees block i
-    out = F.relu(_conv_bn([f.conv1 for f in experts], [f.bn1 for f in experts], out))
+    with torch.autocast(x.device.type, enabled=False):  # the stem stays fp32 (resnet.stem)
+        out = (x.float().repeat(1, n_exp, 1, 1) - mean) / std  # (N, E*3, H, W): expert i: block i
+        out = F.relu(_conv_bn([f.conv1 for f in experts], [f.bn1 for f in experts], out))
     for layer in ("layer1", "layer2", "layer3", "layer4"):
         stages = [getattr(f, layer) for f in experts]
         for j in range(len(stages[0])):
@@ -98,7 +99,7 @@ def expert_logits(experts: Sequence[ResNet18], x: torch.Tensor) -> torch.Tensor:
     feats = out.mean(dim=(2, 3)).view(len(x), n_exp, -1)  # (N, E, F), mean as in ResNet18.features
     weight = torch.stack([f.linear.weight for f in experts])  # (E, C, F)
     bias = torch.stack([f.linear.bias for f in experts])  # (E, C)
-    return torch.einsum("nef,ecf->nec", feats, weight) + bias  # (N, E, C)
+    return (torch.einsum("nef,ecf->nec", feats, weight) + bias).float()  # (N, E, C)
 
 
 def _bn_settings(m: nn.BatchNorm2d) -> tuple:

@@ -30,7 +30,7 @@ class Router(nn.Module):
         self.scores = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.scores(x), dim=-1)  # (N, E), positive, rows sum to 1
+        return torch.softmax(self.scores(x).float(), dim=-1)  # (N, E), rows sum to 1, fp32
 
 
 # Where the grouped-convolution path is faster than the expert loop (docs/performance.md):
@@ -79,5 +79,6 @@ class SoftMoE(nn.Module):
         return torch.stack([f(x) for f in self.experts], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.gate_weights(x)  # (N, E)
-        return torch.einsum("ne,nec->nc", w, self.expert_logits(x))  # (N, C)
+        w, f = self.gate_weights(x), self.expert_logits(x)  # (N, E), (N, E, C), both fp32
+        with torch.autocast(x.device.type, enabled=False):  # mixing stays fp32 under bf16
+            return torch.einsum("ne,nec->nc", w, f)  # (N, C)

@@ -23,6 +23,13 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def stem(conv: nn.Conv2d, normalize: Normalize, x: torch.Tensor) -> torch.Tensor:
+    """conv(normalize(x)) in fp32 even under bf16 autocast: the attacks' input gradient ends
+    here, and a 3-channel convolution gains nothing from bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(normalize(x.float()))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual; a 1x1 projection when the shape changes."""
 
@@ -70,10 +77,10 @@ class ResNet18(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, 8w) of images x in [0, 1]."""
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = F.relu(self.bn1(stem(self.conv1, self.normalize, x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         # mean over H, W instead of adaptive_avg_pool2d: its CUDA backward is non-deterministic
         return out.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x))  # (N, C) logits
+        return self.linear(self.features(x)).float()  # (N, C) logits, fp32 under autocast too
