@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU session (docs/performance.md): environment, `dwf bench` at the paper's sizes,
-# and the CUDA tests (determinism, batched experts). Needs torch, typer, tqdm, pyyaml, scipy,
-# scikit-learn and pytest; results go to $OUT (default /tmp/dwf-gpu).
+# One prepared GPU session (docs/performance.md): environment, `dwf bench` at the paper's sizes
+# in the variants that decide the GPU defaults, and the CUDA tests (determinism, batched
+# experts, bf16). Needs torch, typer, tqdm, pyyaml, scipy, scikit-learn and pytest; results go
+# to $OUT (default /tmp/dwf-gpu). About 6 minutes on an H200.
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dwf-gpu}
@@ -9,5 +10,14 @@ mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 } 2>&1 | tee "$OUT/env.txt"
-timeout 330 python3 -m dwf bench --device cuda --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+bench() {  # bench NAME [dwf bench options...]
+  local name=$1; shift
+  timeout 150 python3 -m dwf bench --device cuda --repeats 3 --out "$OUT/bench-$name.json" "$@" 2>&1 \
+    | tee "$OUT/bench-$name.txt"
+}
+bench bf16-cl --precision bf16 --channels-last                # with the fp32 reference
+bench fp32 --no-reference                                     # what training ran before bf16
+bench bf16 --precision bf16 --no-reference
+bench bf16-cl-grouped --precision bf16 --channels-last --batched --no-reference
+bench bf16-cl-autotuned --precision bf16 --channels-last --no-deterministic --no-reference
 timeout 150 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt"

@@ -1,14 +1,15 @@
-"""CUDA checks, run on a GPU machine (`pytest -m gpu`): determinism and the batched experts."""
+"""CUDA checks, run on a GPU machine (`pytest -m gpu`): determinism, the batched experts, bf16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dwf import attacks, models
+from dwf import attacks, data, models
 from dwf.config import TrainConfig
 from dwf.defenses.dwf import train_expert
-from dwf.runtime import configure_determinism
+from dwf.models import moe as moe_module
+from dwf.runtime import autocast, configure_determinism
 
 from conftest import digits_arch
 
@@ -17,10 +18,12 @@ pytestmark = [pytest.mark.gpu,
 CUDA = torch.device("cuda")
 
 
-def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path, precision):
     """With dwf's determinism switches, two CUDA trainings with one seed agree bit for bit."""
     configure_determinism()
-    cfg = TrainConfig(epochs=1, batch_size=128, lr=0.05, pgd_eps=0.1, pgd_alpha=0.025, pgd_steps=(3, 5))
+    cfg = TrainConfig(epochs=1, batch_size=128, lr=0.05, pgd_eps=0.1, pgd_alpha=0.025, pgd_steps=(3, 5),
+                      precision=precision)
     states = []
     for i in range(2):
         out = tmp_path / f"pgd{i}.pt"
@@ -31,8 +34,9 @@ def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_batched_mixture_matches_the_expert_loop_on_cuda():
+def test_batched_mixture_matches_the_expert_loop_on_cuda(monkeypatch):
     configure_determinism()
+    monkeypatch.setattr(moe_module, "BATCHED_DEVICES", ("cpu", "cuda"))  # CUDA defaults to the loop
     torch.manual_seed(0)
     moe = models.build("softmoe", n_experts=3, expert=digits_arch(8), router_hidden=(32,)).to(CUDA).eval()
     x = torch.rand(16, 3, 32, 32, device=CUDA)
@@ -44,3 +48,19 @@ def test_batched_mixture_matches_the_expert_loop_on_cuda():
     moe.batched = True
     x_adv = attacks.pgd(moe, x, y, eps=0.1, alpha=0.025, steps=5, seed=0)
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+def test_bf16_attack_strength_within_one_point_of_fp32_on_cuda(trained_model, digits):
+    """tests/test_precision.py's check with CUDA's bf16 kernels."""
+    configure_determinism()
+    model = trained_model.to(CUDA)
+    x, y = data.to_unit(digits[2]).to(CUDA), digits[3].to(CUDA)
+    robust = {}
+    for precision in ("fp32", "bf16"):
+        with autocast(precision, CUDA):
+            x_adv = attacks.pgd(model, x, y, eps=0.05, alpha=0.0125, steps=10, seed=0)
+        with torch.no_grad():
+            robust[precision] = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+    model.cpu()
+    assert 20 < robust["fp32"] < 80, robust
+    assert abs(robust["bf16"] - robust["fp32"]) <= 1.0, robust

@@ -5,16 +5,20 @@ Four steps, each on one batch of N images per view:
   fgsm   - one FGSM example per image (forward + input gradient ~ 2 forwards);
   pgd    - one PGD iteration per image (~ 2 forwards), timed over `pgd_steps` iterations;
   joint  - Algorithm 3: FGSM + PGD-k through the mixture, then an SGD step on the 3N batch.
-The *reference* runs the expert loop and takes input gradients with `loss.backward()` (which
-also computes every parameter gradient); the *optimized* path runs the batched experts and
-`torch.autograd.grad` for the input only, i.e. what training and evaluation run. Images/s
-counts clean images per view. FLOPs are counted analytically (`resnet18_macs`), not measured.
+The *reference* runs the expert loop in fp32 and takes input gradients with `loss.backward()`
+(which also computes every parameter gradient); the *optimized* path is what training runs:
+the experts batched where that is faster (`models.moe.BATCHED_DEVICES`), `torch.autograd.grad`
+for the input only, and the chosen precision and memory format. On CUDA a fifth step,
+`pgd_graph`, replays one PGD iteration captured as a CUDA graph, to measure what capture buys.
+Images/s counts clean images per view. FLOPs are counted analytically (`resnet18_macs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +29,8 @@ from dwf import attacks, models
 from dwf.checkpoint import environment
 from dwf.config import TrainConfig
 from dwf.defenses.dwf import joint_batch
+from dwf.models import moe
+from dwf.runtime import autocast
 
 # The paper's pipeline (section 5, Table 5; CIFAR-10): what `project_hours` prices.
 PAPER = {"images": 50_000, "expert_epochs": 150, "joint_epochs": 100, "n_benign": 1, "n_fgsm": 4,
@@ -42,6 +48,10 @@ class BenchConfig:
         pgd_steps: PGD iterations per timed pgd/joint step.
         repeats: timed calls per step (after one warm-up call); the best is reported.
         n_experts: experts in the mixture (9 in the paper).
+        precision: arithmetic of the optimized path ("fp32" or "bf16" autocast).
+        channels_last: NHWC memory format for the optimized path.
+        batched: grouped-convolution experts for the optimized path (None: the device default).
+        reference: also time the reference path (off: optimized only, no speedups).
     """
 
     width: int = 64
@@ -51,6 +61,10 @@ class BenchConfig:
     n_experts: int = 9
     num_classes: int = 10
     router_hidden: tuple[int, ...] = (1024, 512, 128)
+    precision: str = "fp32"
+    channels_last: bool = False
+    batched: bool | None = None
+    reference: bool = True
 
 
 # The paper's sizes where a GPU makes them affordable; the demo's width on a CPU (< 3 minutes).
@@ -81,7 +95,8 @@ def mixture_flop(cfg: BenchConfig) -> float:
 
 def forwards_per_image(step: str, pgd_steps: float) -> float:
     """Cost of a step in forward passes per clean image (attack step ~ 2, train step ~ 3)."""
-    return {"clean": 3.0, "fgsm": 2.0, "pgd": 2.0, "joint": 2.0 + 2.0 * pgd_steps + 3 * 3.0}[step]
+    return {"clean": 3.0, "fgsm": 2.0, "pgd": 2.0, "pgd_graph": 2.0,
+            "joint": 2.0 + 2.0 * pgd_steps + 3 * 3.0}[step]
 
 # ---------------------------------------------------------------- the steps
 
@@ -107,6 +122,39 @@ def _sgd_step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+def _graphed_pgd(model, x, y, steps: int, precision: str) -> Callable[[], torch.Tensor]:
+    """PGD-`steps` (no random start) replaying one iteration captured as a CUDA graph.
+
+    The iteration (forward, input gradient, signed step, projection) has fixed shapes and no
+    host synchronization, so it captures whole; replay removes the per-kernel launch cost.
+    Autocast's weight cache must be off during capture (torch.cuda.graph's documentation).
+    """
+    x_adv = x.clone()
+
+    def iteration():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16",
+                            cache_enabled=False):
+            grad, _ = attacks._input_grad(model, x_adv, y, attacks.cross_entropy)
+        x_adv.copy_(attacks._project(x_adv + ALPHA * grad.sign(), x, EPS))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuDNN plans)
+        for _ in range(3):
+            iteration()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        iteration()
+
+    def run():
+        x_adv.copy_(x)
+        for _ in range(steps):
+            graph.replay()
+        return x_adv
+    return run
 
 
 def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Callable[[], Any]]:
@@ -138,7 +186,22 @@ def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Cal
             inputs, targets = torch.cat([x, x_f, _reference_pgd(model, x, y, k)]), y.repeat(3)
         _sgd_step(model, opt, inputs, targets)
 
-    return {"clean": lambda: _sgd_step(model, opt, x, y), "fgsm": fgsm, "pgd": pgd, "joint": joint}
+    steps = {"clean": lambda: _sgd_step(model, opt, x, y), "fgsm": fgsm, "pgd": pgd, "joint": joint}
+    if not optimized:
+        return steps
+    if x.device.type == "cuda":
+        model.eval()
+        try:
+            steps["pgd_graph"] = _graphed_pgd(model, x, y, k, cfg.precision)
+        except RuntimeError as e:  # a capture failure must not cost the other measurements
+            warnings.warn(f"pgd_graph: CUDA graph capture failed: {e}", stacklevel=2)
+
+    def under_autocast(fn):
+        def step():
+            with autocast(cfg.precision, x.device):
+                return fn()
+        return step
+    return {name: under_autocast(fn) for name, fn in steps.items()}
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
@@ -185,6 +248,18 @@ def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
 # ---------------------------------------------------------------- the run
 
 
+@contextlib.contextmanager
+def _batching(device: torch.device, batched: bool | None):
+    """Override, for one run, where the mixture batches its experts (moe.BATCHED_DEVICES)."""
+    saved = moe.BATCHED_DEVICES
+    if batched is not None:
+        moe.BATCHED_DEVICES = (device.type,) if batched else ()
+    try:
+        yield
+    finally:
+        moe.BATCHED_DEVICES = saved
+
+
 def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]:
     """Benchmark both paths; returns the dict written to metrics/bench.json."""
     torch.manual_seed(seed)
@@ -196,17 +271,23 @@ def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
     flop = mixture_flop(cfg)
     steps: dict[str, dict[str, Any]] = {}
-    for path in ("reference", "optimized"):
-        model.batched = path == "optimized"
-        for name, fn in _steps(model, opt, x, y, cfg, model.batched).items():
-            times = _timed(fn, device, cfg.repeats)
-            images = cfg.batch * (cfg.pgd_steps if name == "pgd" else 1)  # pgd: per iteration
-            best = min(times)
-            steps.setdefault(name, {})[path] = {
-                "seconds": times, "images_per_s": images / best,
-                "flop_per_s": images * forwards_per_image(name, cfg.pgd_steps) * flop / best}
+    for path in ("reference", "optimized") if cfg.reference else ("optimized",):
+        optimized = path == "optimized"
+        model.batched = optimized
+        if optimized and cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _batching(device, cfg.batched if optimized else None):
+            for name, fn in _steps(model, opt, x, y, cfg, optimized).items():
+                times = _timed(fn, device, cfg.repeats)
+                images = cfg.batch * (cfg.pgd_steps if name.startswith("pgd") else 1)  # per iteration
+                best = min(times)
+                steps.setdefault(name, {})[path] = {
+                    "seconds": times, "images_per_s": images / best,
+                    "flop_per_s": images * forwards_per_image(name, cfg.pgd_steps) * flop / best}
     for s in steps.values():
-        s["speedup"] = s["optimized"]["images_per_s"] / s["reference"]["images_per_s"]
+        if "reference" in s:
+            s["speedup"] = s["optimized"]["images_per_s"] / s["reference"]["images_per_s"]
     return {"config": dataclasses.asdict(cfg), "environment": environment(), "device": str(device),
             "threads": torch.get_num_threads(), "mixture_gflop_per_image": flop / 1e9,
             "steps": steps, **_device_rates(device, steps, cfg)}
@@ -214,17 +295,17 @@ def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]
 
 def _device_rates(device: torch.device, steps: dict, cfg: BenchConfig) -> dict[str, Any]:
     cuda = device.type == "cuda"
-    peak = {"fp32": matmul_rate(device, torch.float32, 8192 if cuda else 2048)}
-    if cuda:
-        peak["bf16"] = matmul_rate(device, torch.bfloat16, 8192, repeats=10)
+    n = 8192 if cuda else 2048
+    peak = {"fp32": matmul_rate(device, torch.float32, n),
+            "bf16": matmul_rate(device, torch.bfloat16, n, repeats=10 if cuda else 3)}
     top = max(peak.values())
     for s in steps.values():
-        for path in ("reference", "optimized"):
-            s[path]["fraction_of_matmul"] = s[path]["flop_per_s"] / top
+        for r in (r for key, r in s.items() if key != "speedup"):
+            r["fraction_of_matmul"] = r["flop_per_s"] / top
     # the paper's width for the projection: FLOP/s measured at this run's sizes
     paper = dataclasses.replace(cfg, width=64)
-    hours = {path: project_hours({n: s[path]["flop_per_s"] for n, s in steps.items()}, paper)
-             for path in ("reference", "optimized")}
+    hours = {path: project_hours({n: s[path]["flop_per_s"] for n, s in steps.items() if path in s}, paper)
+             for path in ("reference", "optimized") if path in steps["pgd"]}
     return {"matmul_flop_per_s": peak, "matmul_reference": max(peak, key=peak.get),
             "projected_hours": hours}
 
@@ -234,8 +315,9 @@ def table(result: dict[str, Any]) -> str:
     rows = ["| step | reference img/s | optimized img/s | speedup | optimized GFLOP/s | of matmul |",
             "|---|---:|---:|---:|---:|---:|"]
     for name, s in result["steps"].items():
-        ref, opt = s["reference"], s["optimized"]
-        rows.append(f"| {name} | {ref['images_per_s']:.1f} | {opt['images_per_s']:.1f} | "
-                    f"{s['speedup']:.2f}x | {opt['flop_per_s'] / 1e9:.1f} | "
-                    f"{100 * opt['fraction_of_matmul']:.1f}% |")
+        opt = s["optimized"]
+        ref = f"{s['reference']['images_per_s']:.1f}" if "reference" in s else "-"
+        speedup = f"{s['speedup']:.2f}x" if "speedup" in s else "-"
+        rows.append(f"| {name} | {ref} | {opt['images_per_s']:.1f} | {speedup} | "
+                    f"{opt['flop_per_s'] / 1e9:.1f} | {100 * opt['fraction_of_matmul']:.1f}% |")
     return "\n".join(rows)

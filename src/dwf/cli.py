@@ -301,20 +301,37 @@ def bench(device: DeviceOpt = None,
           batch: Annotated[Optional[int], typer.Option(min=1, help="images per view (default: 128 on cuda, 32 on cpu)")] = None,
           pgd_steps: Annotated[Optional[int], typer.Option(min=1, help="PGD iterations per timed step")] = None,
           repeats: Annotated[Optional[int], typer.Option(min=1, help="timed calls per step")] = None,
+          precision: Annotated[str, typer.Option(help="optimized path: fp32 or bf16 (autocast)")] = "fp32",
+          channels_last: Annotated[bool, typer.Option(help="optimized path in NHWC memory format")] = False,
+          batched: Annotated[Optional[bool], typer.Option("--batched/--loop", help="force grouped-conv experts or the loop (default: per device)", show_default=False)] = None,
+          reference: Annotated[bool, typer.Option(help="also time the fp32 reference path")] = True,
+          deterministic: Annotated[bool, typer.Option(help="deterministic kernels, as training runs; off: cuDNN autotuning")] = True,
           out: Annotated[Path, typer.Option(help="metrics JSON to write")] = Path("metrics/bench.json")):
     """Images/s and FLOP/s of the 9-expert mixture, reference vs optimized; projected hours."""
     import dataclasses
 
+    import torch
+
     from dwf.bench import DEFAULTS, run, table
+    from dwf.config import PRECISIONS
     from dwf.runtime import configure_determinism, pick_device
 
-    configure_determinism()  # measure what training runs
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    if deterministic:
+        configure_determinism()  # measure what training runs
+    else:
+        torch.backends.cudnn.benchmark = True  # what determinism costs: autotuned kernels
     dev = pick_device(device)
     sizes = {"width": width, "batch": batch, "pgd_steps": pgd_steps, "repeats": repeats}
-    cfg = dataclasses.replace(DEFAULTS.get(dev.type, DEFAULTS["cpu"]),
+    cfg = dataclasses.replace(DEFAULTS.get(dev.type, DEFAULTS["cpu"]), precision=precision,
+                              channels_last=channels_last, batched=batched, reference=reference,
                               **{k: v for k, v in sizes.items() if v is not None})
     typer.echo(f"bench on {dev}: 9 experts of width {cfg.width}, batch {cfg.batch} per view, "
-               f"PGD-{cfg.pgd_steps}, best of {cfg.repeats}")
+               f"PGD-{cfg.pgd_steps}, best of {cfg.repeats}; optimized: {precision}"
+               f"{', channels_last' if channels_last else ''}"
+               f"{'' if batched is None else ', batched' if batched else ', loop'}"
+               f"{'' if deterministic else ', non-deterministic'}")
     result = run(dev, cfg)
     _write_json(out, result)
     peak = result["matmul_flop_per_s"]
