@@ -44,7 +44,7 @@ def test_cli_bench_tiny_run_writes_every_step(tmp_path):
                                    "--pgd-steps", "1", "--repeats", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert set(result["steps"]) == {"clean", "fgsm", "pgd", "joint"}
+    assert set(result["steps"]) == {"clean", "fgsm", "pgd", "joint", "expert_clean", "expert_pgd"}
     for step in result["steps"].values():
         assert step["speedup"] > 0
         for path in ("reference", "optimized"):

@@ -64,3 +64,30 @@ def test_bf16_attack_strength_within_one_point_of_fp32_on_cuda(trained_model, di
     model.cpu()
     assert 20 < robust["fp32"] < 80, robust
     assert abs(robust["bf16"] - robust["fp32"]) <= 1.0, robust
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_pgd_equals_eager_and_sees_weight_updates(precision):
+    """attacks.pgd(graph=True) replays one captured iteration: same images as eager PGD, and
+    the cached graph reads the weights an optimizer step changed in place."""
+    configure_determinism()
+    torch.manual_seed(0)
+    model = models.build("resnet18", **digits_arch(8)).to(CUDA).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.rand(32, 3, 32, 32, device=CUDA)
+    y = torch.randint(0, 10, (32,), device=CUDA)
+    previous = None
+    for _ in range(2):
+        with autocast(precision, CUDA):
+            eager = attacks.pgd(model, x, y, eps=0.1, alpha=0.025, steps=5, random_start=False)
+            graphed = attacks.pgd(model, x, y, eps=0.1, alpha=0.025, steps=5, random_start=False,
+                                  graph=True)
+        assert (eager != graphed).float().mean() < 1e-3  # equal up to a rare rounding tie
+        if previous is not None:
+            assert (graphed != previous).float().mean() > 0.01  # new weights, new attack
+        previous = graphed
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()  # in place: the captured graph must follow
+        model.eval()

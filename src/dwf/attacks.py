@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwf import cudagraphs
+
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example loss (N,)
 
 
@@ -77,26 +79,42 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     return _project(x + eps * grad.sign(), x, eps).detach()
 
 
+def _pgd_start(x: torch.Tensor, eps: float, random_start: bool, generator: torch.Generator | None
+               ) -> torch.Tensor:
+    """Uniform in the eps-ball (drawn on the CPU, so seeds agree across devices), or x."""
+    if not (random_start and eps > 0):
+        return x.detach().clone()
+    noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+    return _project(x + (2 * noise - 1) * eps, x, eps)
+
+
+def _pgd_step(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float,
+              alpha: float, loss_fn: Loss) -> torch.Tensor:
+    """One PGD iteration (paper eqs. 4-5): signed gradient step, projection, [0, 1] clamp."""
+    grad, _ = _input_grad(model, x_adv, y, loss_fn)
+    return _project(x_adv + alpha * grad.sign(), x, eps)
+
+
 def _pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
                   steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss):
-    """Yield the iterate after every PGD step (paper eqs. 4-5), from a uniform random start
-    in the ball or from x."""
-    x_adv = x.detach().clone()
-    if random_start and eps > 0:
-        noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-        x_adv = _project(x + (2 * noise - 1) * eps, x, eps)
+    """Yield the iterate after every PGD step, from a uniform random start in the ball or x."""
+    x_adv = _pgd_start(x, eps, random_start, generator)
     if steps == 0:
         yield x_adv
     for _ in range(steps):
-        grad, _ = _input_grad(model, x_adv, y, loss_fn)
-        x_adv = _project(x_adv + alpha * grad.sign(), x, eps)
+        x_adv = _pgd_step(model, x_adv, x, y, eps, alpha, loss_fn)
         yield x_adv
 
 
 def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
-             steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss
-             ) -> torch.Tensor:
-    """One PGD run: its last iterate."""
+             steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss,
+             graph: bool = False) -> torch.Tensor:
+    """One PGD run: its last iterate (replayed from a CUDA graph if asked and on CUDA)."""
+    if graph and x.is_cuda and steps > 0:
+        start = _pgd_start(x, eps, random_start, generator)
+        return cudagraphs.replay(
+            model, lambda xa, x0, y0: _pgd_step(model, xa, x0, y0, eps, alpha, loss_fn),
+            ("pgd", eps, alpha, loss_fn), start, x, y, steps)
     *_, last = _pgd_iterates(model, x, y, eps, alpha, steps, random_start, generator, loss_fn)
     return last
 
@@ -131,7 +149,7 @@ def attack_score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: s
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
         steps: int, restarts: int = 1, random_start: bool = True, seed: int | None = None,
-        loss: str = "ce") -> torch.Tensor:
+        loss: str = "ce", graph: bool = False) -> torch.Tensor:
     """Projected gradient descent with restarts, keeping the worst case per example.
 
     Restart r draws its random start from seed + r, so `pgd(..., restarts=1, seed=s + r)`
@@ -147,6 +165,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         restarts: number of runs; random_start: start uniformly in the ball (else at x).
         seed: seed of the random starts (None: torch's global generator).
         loss: name in LOSSES.
+        graph: on CUDA, replay each iteration from a captured CUDA graph (dwf.cudagraphs):
+            the same computation without per-kernel launches; for repeated calls on one batch
+            shape (training). Ignored on the CPU.
     Returns:
         adversarial images, detached.
     """
@@ -157,7 +178,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
 
     def run(r: int) -> torch.Tensor:
         gen = None if seed is None else torch.Generator().manual_seed(seed + r)
-        return _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn)
+        return _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn, graph)
 
     if restarts == 1:
         return run(0).detach()

@@ -1,16 +1,18 @@
 """Throughput benchmark of the nine-expert mixture: reference vs optimized, FLOP/s, projection.
 
-Four steps, each on one batch of N images per view:
-  clean  - one SGD step on N clean images (forward + backward ~ 3 forwards);
-  fgsm   - one FGSM example per image (forward + input gradient ~ 2 forwards);
-  pgd    - one PGD iteration per image (~ 2 forwards), timed over `pgd_steps` iterations;
-  joint  - Algorithm 3: FGSM + PGD-k through the mixture, then an SGD step on the 3N batch.
+Steps, each on one batch of N images per view:
+  clean  - one SGD step of the mixture on N clean images (forward + backward ~ 3 forwards);
+  fgsm   - one FGSM example per image through the mixture (forward + input gradient ~ 2);
+  pgd    - one PGD iteration per image through the mixture (~ 2), timed over `pgd_steps`;
+  joint  - Algorithm 3: FGSM + PGD-k through the mixture, then an SGD step on the 3N batch;
+  expert_clean, expert_pgd - the same for one ResNet-18 alone (expert pretraining);
+  pgd_graph (CUDA) - the mixture's PGD with iterations replayed from a CUDA graph.
 The *reference* runs the expert loop in fp32 and takes input gradients with `loss.backward()`
 (which also computes every parameter gradient); the *optimized* path is what training runs:
 the experts batched where that is faster (`models.moe.BATCHED_DEVICES`), `torch.autograd.grad`
-for the input only, and the chosen precision and memory format. On CUDA a fifth step,
-`pgd_graph`, replays one PGD iteration captured as a CUDA graph, to measure what capture buys.
-Images/s counts clean images per view. FLOPs are counted analytically (`resnet18_macs`).
+for the input only, PGD from a CUDA graph in training recipes, and the chosen precision and
+memory format. Images/s counts clean images per view. FLOPs are counted analytically
+(`resnet18_macs`); rates are compared with a measured dense matmul of the path's precision.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,8 +96,8 @@ def mixture_flop(cfg: BenchConfig) -> float:
 
 def forwards_per_image(step: str, pgd_steps: float) -> float:
     """Cost of a step in forward passes per clean image (attack step ~ 2, train step ~ 3)."""
-    return {"clean": 3.0, "fgsm": 2.0, "pgd": 2.0, "pgd_graph": 2.0,
-            "joint": 2.0 + 2.0 * pgd_steps + 3 * 3.0}[step]
+    return {"clean": 3.0, "fgsm": 2.0, "pgd": 2.0, "pgd_graph": 2.0, "expert_clean": 3.0,
+            "expert_pgd": 2.0, "joint": 2.0 + 2.0 * pgd_steps + 3 * 3.0}[step]
 
 # ---------------------------------------------------------------- the steps
 
@@ -124,45 +125,18 @@ def _sgd_step(model, opt, x, y):
     opt.step()
 
 
-def _graphed_pgd(model, x, y, steps: int, precision: str) -> Callable[[], torch.Tensor]:
-    """PGD-`steps` (no random start) replaying one iteration captured as a CUDA graph.
-
-    The iteration (forward, input gradient, signed step, projection) has fixed shapes and no
-    host synchronization, so it captures whole; replay removes the per-kernel launch cost.
-    Autocast's weight cache must be off during capture (torch.cuda.graph's documentation).
-    """
-    x_adv = x.clone()
-
-    def iteration():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16",
-                            cache_enabled=False):
-            grad, _ = attacks._input_grad(model, x_adv, y, attacks.cross_entropy)
-        x_adv.copy_(attacks._project(x_adv + ALPHA * grad.sign(), x, EPS))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture (allocator, cuDNN plans)
-        for _ in range(3):
-            iteration()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        iteration()
-
-    def run():
-        x_adv.copy_(x)
-        for _ in range(steps):
-            graph.replay()
-        return x_adv
-    return run
-
-
 def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Callable[[], Any]]:
-    """name -> a closure running that step once, on the reference or the optimized path."""
+    """name -> a closure running that step once, on the reference or the optimized path.
+
+    The mixture's steps (clean, fgsm, pgd, joint) price joint training; the expert_* steps run
+    its first expert alone, as expert pretraining does (one ResNet-18 per job).
+    """
     k = cfg.pgd_steps
     joint_cfg = TrainConfig(epochs=1, batch_size=len(x), fgsm_eps=(0.03,), pgd_eps=EPS,
                             pgd_alpha=ALPHA, pgd_steps=(k,))
     rng = torch.Generator().manual_seed(0)
+    expert = model.experts[0]
+    expert_opt = torch.optim.SGD(expert.parameters(), lr=1e-3, momentum=0.9)
 
     def fgsm():
         model.eval()
@@ -170,11 +144,14 @@ def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Cal
             return attacks.fgsm(model, x, y, eps=EPS)
         return (x + EPS * _backward_input_grad(model, x, y).sign()).clamp(0, 1)
 
-    def pgd():
-        model.eval()
-        if optimized:
-            return attacks.pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=k, random_start=False)
-        return _reference_pgd(model, x, y, k)
+    def pgd(net, graph=False):
+        def step():
+            net.eval()
+            if optimized:  # graph: replayed from a CUDA graph, as training does (dwf.cudagraphs)
+                return attacks.pgd(net, x, y, eps=EPS, alpha=ALPHA, steps=k, random_start=False,
+                                   graph=graph)
+            return _reference_pgd(net, x, y, k)
+        return step
 
     def joint():
         model.train()  # crafting switches BN to eval (attack_bn), as in training
@@ -186,15 +163,13 @@ def _steps(model, opt, x, y, cfg: BenchConfig, optimized: bool) -> dict[str, Cal
             inputs, targets = torch.cat([x, x_f, _reference_pgd(model, x, y, k)]), y.repeat(3)
         _sgd_step(model, opt, inputs, targets)
 
-    steps = {"clean": lambda: _sgd_step(model, opt, x, y), "fgsm": fgsm, "pgd": pgd, "joint": joint}
+    steps = {"clean": lambda: _sgd_step(model, opt, x, y), "fgsm": fgsm, "pgd": pgd(model),
+             "joint": joint, "expert_clean": lambda: _sgd_step(expert, expert_opt, x, y),
+             "expert_pgd": pgd(expert, graph=True)}
     if not optimized:
         return steps
     if x.device.type == "cuda":
-        model.eval()
-        try:
-            steps["pgd_graph"] = _graphed_pgd(model, x, y, k, cfg.precision)
-        except RuntimeError as e:  # a capture failure must not cost the other measurements
-            warnings.warn(f"pgd_graph: CUDA graph capture failed: {e}", stacklevel=2)
+        steps["pgd_graph"] = pgd(model, graph=True)
 
     def under_autocast(fn):
         def step():
@@ -229,10 +204,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 
 def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
-    """Hours of the paper's pipeline at the measured FLOP/s (training steps at the clean
-    step's rate, expert attack iterations at the PGD step's, joint epochs at the joint step's).
-
-    An expert is one ResNet-18, so its FLOPs are the mixture's over E (router aside).
+    """Hours of the paper's pipeline at the measured FLOP/s: expert pretraining at one expert's
+    rates (its SGD steps at expert_clean's, its attack iterations at expert_pgd's), the joint
+    epochs at the mixture's joint step's.
     """
     p, f1 = PAPER, 2.0 * resnet18_macs(cfg.width, cfg.num_classes)  # one expert forward
     per_image = p["images"] * p["expert_epochs"] * f1
@@ -242,7 +216,7 @@ def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
     joint_cfg = dataclasses.replace(cfg, n_experts=n_experts)
     joint = (p["images"] * p["joint_epochs"] * mixture_flop(joint_cfg)
              * forwards_per_image("joint", p["pgd_steps_mean"]))
-    seconds = train / rates["clean"] + attack / rates["pgd"] + joint / rates["joint"]
+    seconds = train / rates["expert_clean"] + attack / rates["expert_pgd"] + joint / rates["joint"]
     return seconds / 3600.0
 
 # ---------------------------------------------------------------- the run
@@ -269,7 +243,7 @@ def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # tiny lr: weights barely move
     x = torch.rand(cfg.batch, 3, 32, 32, device=device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
-    flop = mixture_flop(cfg)
+    flop, expert_flop = mixture_flop(cfg), 2.0 * resnet18_macs(cfg.width, cfg.num_classes)
     steps: dict[str, dict[str, Any]] = {}
     for path in ("reference", "optimized") if cfg.reference else ("optimized",):
         optimized = path == "optimized"
@@ -280,11 +254,12 @@ def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]
         with _batching(device, cfg.batched if optimized else None):
             for name, fn in _steps(model, opt, x, y, cfg, optimized).items():
                 times = _timed(fn, device, cfg.repeats)
-                images = cfg.batch * (cfg.pgd_steps if name.startswith("pgd") else 1)  # per iteration
+                images = cfg.batch * (cfg.pgd_steps if "pgd" in name else 1)  # pgd: per iteration
                 best = min(times)
+                per_forward = expert_flop if name.startswith("expert") else flop
                 steps.setdefault(name, {})[path] = {
-                    "seconds": times, "images_per_s": images / best,
-                    "flop_per_s": images * forwards_per_image(name, cfg.pgd_steps) * flop / best}
+                    "seconds": times, "images_per_s": images / best, "flop_per_s":
+                    images * forwards_per_image(name, cfg.pgd_steps) * per_forward / best}
     for s in steps.values():
         if "reference" in s:
             s["speedup"] = s["optimized"]["images_per_s"] / s["reference"]["images_per_s"]
@@ -298,26 +273,27 @@ def _device_rates(device: torch.device, steps: dict, cfg: BenchConfig) -> dict[s
     n = 8192 if cuda else 2048
     peak = {"fp32": matmul_rate(device, torch.float32, n),
             "bf16": matmul_rate(device, torch.bfloat16, n, repeats=10 if cuda else 3)}
-    top = max(peak.values())
     for s in steps.values():
-        for r in (r for key, r in s.items() if key != "speedup"):
-            r["fraction_of_matmul"] = r["flop_per_s"] / top
+        for path, r in ((p, r) for p, r in s.items() if p != "speedup"):
+            precision = cfg.precision if path == "optimized" else "fp32"
+            r["fraction_of_matmul"] = r["flop_per_s"] / peak[precision]  # of its own precision
+            r["fraction_of_bf16_matmul"] = r["flop_per_s"] / peak["bf16"]
     # the paper's width for the projection: FLOP/s measured at this run's sizes
     paper = dataclasses.replace(cfg, width=64)
     hours = {path: project_hours({n: s[path]["flop_per_s"] for n, s in steps.items() if path in s}, paper)
              for path in ("reference", "optimized") if path in steps["pgd"]}
-    return {"matmul_flop_per_s": peak, "matmul_reference": max(peak, key=peak.get),
-            "projected_hours": hours}
+    return {"matmul_flop_per_s": peak, "projected_hours": hours}
 
 
 def table(result: dict[str, Any]) -> str:
     """A short Markdown table of a `run` result."""
-    rows = ["| step | reference img/s | optimized img/s | speedup | optimized GFLOP/s | of matmul |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| step | reference img/s | optimized img/s | speedup | optimized GFLOP/s "
+            "| of its matmul | of bf16 matmul |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in result["steps"].items():
         opt = s["optimized"]
         ref = f"{s['reference']['images_per_s']:.1f}" if "reference" in s else "-"
         speedup = f"{s['speedup']:.2f}x" if "speedup" in s else "-"
         rows.append(f"| {name} | {ref} | {opt['images_per_s']:.1f} | {speedup} | "
-                    f"{opt['flop_per_s'] / 1e9:.1f} | {100 * opt['fraction_of_matmul']:.1f}% |")
+                    f"{opt['flop_per_s'] / 1e9:.1f} | {100 * opt['fraction_of_matmul']:.1f}% | "
+                    f"{100 * opt['fraction_of_bf16_matmul']:.1f}% |")
     return "\n".join(rows)

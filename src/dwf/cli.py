@@ -49,14 +49,34 @@ def stage(fn):
     return wrapper
 
 
-def _context(params_path: Path, dataset: str, overrides: list[str] | None, device: str | None):
-    """Validated (params, profile, device) with determinism switched on."""
-    from dwf.config import load_params
+def _context(params_path: Path, dataset: str, overrides: list[str] | None, device: str | None,
+             data_parallel: bool = False):
+    """Validated (params, profile, device) with determinism switched on.
+
+    Under torchrun a training stage (data_parallel) joins the process group and gets its
+    rank's device (dwf.distributed); any other stage refuses to run as several processes.
+    """
+    import os
+
+    from dwf import distributed
+    from dwf.config import ConfigError, load_params
     from dwf.runtime import configure_determinism, pick_device
 
     params = load_params(params_path, dataset, overrides or [])
     configure_determinism()
-    return params, params.profile(dataset), pick_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not data_parallel:
+        raise ConfigError("this stage runs as one process; only training stages run under torchrun")
+    _, dev = distributed.init(pick_device(device))
+    return params, params.profile(dataset), dev
+
+
+def _finish_training(history_path: Path, curve: list[dict], out: Path) -> None:
+    """Write the training curve and say so: on the main process only (dwf.distributed)."""
+    from dwf import distributed
+
+    if distributed.world().main:
+        _write_history(history_path, curve)
+        typer.echo(f"wrote {out}")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -105,7 +125,7 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
     from dwf.defenses.dwf import train_expert as train
     from dwf.runtime import derive_seed
 
-    p, prof, dev = _context(params, dataset, set_, device)
+    p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if expert not in p.experts:
         _fail(f"--expert: {expert!r} is not in params experts ({', '.join(p.experts)})")
     x, y = load_split(dataset, Path(p.data_root), "train")
@@ -114,8 +134,7 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
                   dataset=dataset, seed=derive_seed(p.seed + run, dataset, "expert", expert),
                   flip=prof.flip, crop_padding=prof.crop_padding, out=out, device=dev,
                   progress=not quiet)
-    _write_history(history or paths.history(dataset, run, expert), curve)
-    typer.echo(f"wrote {out}")
+    _finish_training(history or paths.history(dataset, run, expert), curve, out)
 
 
 @app.command("train-joint")
@@ -132,7 +151,7 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
     from dwf.defenses.dwf import train_joint as train
     from dwf.runtime import derive_seed
 
-    p, prof, dev = _context(params, dataset, set_, device)
+    p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     folder = experts_dir or paths.expert(dataset, run, "benign").parent
     experts = [folder / f"{name}.pt" for name in p.experts]
     x, y = load_split(dataset, Path(p.data_root), "train")
@@ -140,8 +159,7 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
     curve = train(experts, x, y, cfg=prof.joint, router_hidden=prof.router_hidden, dataset=dataset,
                   seed=derive_seed(p.seed + run, dataset, "joint"), flip=prof.flip,
                   crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
-    _write_history(history or paths.history(dataset, run, "dwf"), curve)
-    typer.echo(f"wrote {out}")
+    _finish_training(history or paths.history(dataset, run, "dwf"), curve, out)
 
 
 @app.command()
@@ -159,7 +177,7 @@ def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet1
     from dwf.defenses import DEFENSES, train_defense
     from dwf.runtime import derive_seed
 
-    p, prof, dev = _context(params, dataset, set_, device)
+    p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if defense not in DEFENSES:
         _fail(f"--defense: {defense!r} is not one of {', '.join(DEFENSES)}")
     cfg = prof.baselines.get(defense)
@@ -168,8 +186,7 @@ def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet1
     curve = train_defense(defense, x, y, cfg=cfg, arch_kwargs=_arch(dataset, prof), dataset=dataset,
                           seed=derive_seed(p.seed + run, dataset, "defense", defense), flip=prof.flip,
                           crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
-    _write_history(history or paths.history(dataset, run, defense), curve)
-    typer.echo(f"wrote {out}")
+    _finish_training(history or paths.history(dataset, run, defense), curve, out)
 
 
 @app.command()
@@ -302,7 +319,7 @@ def bench(device: DeviceOpt = None,
           pgd_steps: Annotated[Optional[int], typer.Option(min=1, help="PGD iterations per timed step")] = None,
           repeats: Annotated[Optional[int], typer.Option(min=1, help="timed calls per step")] = None,
           precision: Annotated[str, typer.Option(help="optimized path: fp32 or bf16 (autocast)")] = "fp32",
-          channels_last: Annotated[bool, typer.Option(help="optimized path in NHWC memory format")] = False,
+          channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--contiguous", help="optimized path's memory format (default: training's on this device)", show_default=False)] = None,
           batched: Annotated[Optional[bool], typer.Option("--batched/--loop", help="force grouped-conv experts or the loop (default: per device)", show_default=False)] = None,
           reference: Annotated[bool, typer.Option(help="also time the fp32 reference path")] = True,
           deterministic: Annotated[bool, typer.Option(help="deterministic kernels, as training runs; off: cuDNN autotuning")] = True,
@@ -314,7 +331,7 @@ def bench(device: DeviceOpt = None,
 
     from dwf.bench import DEFAULTS, run, table
     from dwf.config import PRECISIONS
-    from dwf.runtime import configure_determinism, pick_device
+    from dwf.runtime import configure_determinism, memory_format, pick_device
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
@@ -324,6 +341,8 @@ def bench(device: DeviceOpt = None,
         torch.backends.cudnn.benchmark = True  # what determinism costs: autotuned kernels
     dev = pick_device(device)
     sizes = {"width": width, "batch": batch, "pgd_steps": pgd_steps, "repeats": repeats}
+    if channels_last is None:
+        channels_last = memory_format(dev) == torch.channels_last
     cfg = dataclasses.replace(DEFAULTS.get(dev.type, DEFAULTS["cpu"]), precision=precision,
                               channels_last=channels_last, batched=batched, reference=reference,
                               **{k: v for k, v in sizes.items() if v is not None})

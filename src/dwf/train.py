@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dwf import checkpoint
+from dwf import checkpoint, distributed
 from dwf.config import TrainConfig
 from dwf.data import augment, batch_indices, to_unit
-from dwf.runtime import autocast
+from dwf.runtime import autocast, memory_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,15 @@ def _objective(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, tor
     return F.cross_entropy(logits, targets), logits, targets
 
 
+def _data_parallel(batch, world: distributed.World):
+    """A recipe's output, checked for data-parallel training: DDP syncs gradients of the
+    forward it runs, so a recipe that runs its own forward (an Objective) is refused there."""
+    if isinstance(batch, Objective) and world.size > 1:
+        raise ValueError("data-parallel training needs a recipe that returns (inputs, targets); "
+                         "this one computes its own objective")
+    return batch
+
+
 def _optimizer(model: nn.Module, phases: Sequence[Phase], cfg: TrainConfig) -> torch.optim.SGD:
     """One SGD whose parameter group k belongs to phase k (SGD skips parameters without grad)."""
     groups = [{"params": list(ph.params(model)), "lr": ph.lr or cfg.lr} for ph in phases]
@@ -118,14 +127,23 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         meta: extra fields stored in every checkpoint (arch, arch_kwargs, dataset ...).
     """
     x_train, y_train = x_train.to(device), y_train.to(device)
+    layout = memory_format(device)
+    model.to(memory_format=layout)
     rng = torch.Generator().manual_seed(seed)
     phases = list(recipe) if isinstance(recipe, Sequence) else [Phase(recipe, nn.Module.parameters)]
+    world, trained = distributed.world(), model
+    if world.size > 1:  # under torchrun: every rank builds the global batch and trains on a shard
+        if cfg.batch_size % world.size:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over {world.size} processes")
+        trained = torch.nn.parallel.DistributedDataParallel(
+            distributed.sync_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer(model, phases, cfg)
     steps_per_epoch = len(batch_indices(len(x_train), cfg.batch_size, shuffle=False, drop_last=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
     config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
     history: list[dict[str, float]] = []
     start = _resume(resume_path, config, model, opt, sched, rng, history)
+    progress = progress and world.main
 
     for epoch in range(start, cfg.epochs):
         model.train()
@@ -138,10 +156,14 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
                    leave=False, mininterval=1.0)
         for step, idx in enumerate(bar):
             x = augment(to_unit(x_train[idx]), flip=flip, padding=crop_padding, generator=rng)
+            x = x.contiguous(memory_format=layout)
+            x, y = world.shard(x), world.shard(y_train[idx])
             for k, phase in enumerate(phases):
                 with autocast(cfg.precision, device):  # crafting and forward; backward outside
-                    out = _objective(model, phase.recipe(model, x, y_train[idx], cfg, rng))
-                if not torch.isfinite(out[0]):  # one sync per step; a NaN must stop before the update
+                    # recipes craft through the plain model: attacks need no gradient sync
+                    out = _objective(trained, _data_parallel(phase.recipe(model, x, y, cfg, rng), world))
+                # one sync per step (over all ranks): a NaN must stop every rank before the update
+                if world.sum(torch.isfinite(out[0]).float()) < world.size:
                     raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "
                                         f"last good checkpoint: {resume_path}")
                 opt.zero_grad(set_to_none=True)
@@ -158,6 +180,8 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
             seen += len(targets)
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{float(total) / seen:.3f}", refresh=False)
+        total, correct = world.sum(total), world.sum(correct)
+        seen *= world.size
         bad = _first_bad(model)
         if bad is not None:
             raise TrainingError(f"{desc}: non-finite weight {bad!r} after epoch {epoch + 1}; "
@@ -167,6 +191,8 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
                        f"acc {history[-1]['acc']:.4f} ({history[-1]['seconds']:.1f} s)")
+        if not world.main:
+            continue
         checkpoint.save(resume_path, {
             **meta, "config": config, "epoch": epoch + 1, "state_dict": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

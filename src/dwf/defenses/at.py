@@ -51,4 +51,4 @@ def pgd_at_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdvTra
     seed = draw_seed(rng) if cfg.random_start else None
     return _partly_attacked(model, x, y, cfg, lambda m, xa, ya: attacks.pgd(
         m, xa, ya, eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=steps,
-        random_start=cfg.random_start, seed=seed))
+        random_start=cfg.random_start, seed=seed, graph=True))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dwf import attacks, checkpoint, models
+from dwf import attacks, checkpoint, distributed, models
 from dwf.config import TrainConfig
 from dwf.runtime import choice
 from dwf.train import Recipe, crafting, fit
@@ -34,7 +34,7 @@ def _pgd_view(model, x, y, cfg: TrainConfig, rng):
     with crafting(model, cfg.attack_bn):
         # "No random restarts are used during training": start at x
         return attacks.pgd(model, x, y, eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=steps,
-                           random_start=False)
+                           random_start=False, graph=True)  # CUDA: one capture, every batch
 
 
 def fgsm_batch(model, x, y, cfg: TrainConfig, rng):
@@ -66,7 +66,9 @@ def resume_path(out: Path) -> Path:
 
 def finish_stage(out: Path, model: nn.Module, meta: dict[str, Any], cfg: TrainConfig, seed: int,
                  history: list) -> None:
-    """Write a finished stage's final checkpoint, then drop its resume file."""
+    """Write a finished stage's final checkpoint, then drop its resume file (main process only)."""
+    if not distributed.world().main:
+        return
     checkpoint.save(out, {**meta, "state_dict": model.state_dict(), "epoch": cfg.epochs,
                           "config": {"train": dataclasses.asdict(cfg), "seed": seed},
                           "history": history})

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwf import distributed
 from dwf.models.resnet import BasicBlock, ResNet18
 
 
@@ -43,8 +44,9 @@ def _batch_norm(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
     b = bns[0]
     training = b.training
     mean, var = _cat([m.running_mean for m in bns]), _cat([m.running_var for m in bns])
-    out = F.batch_norm(x, mean, var, _cat([m.weight for m in bns]), _cat([m.bias for m in bns]),
-                       training, b.momentum, b.eps)
+    # F.batch_norm, or over the global batch when data-parallel (dwf.distributed)
+    out = distributed.batch_norm(x, mean, var, _cat([m.weight for m in bns]),
+                                 _cat([m.bias for m in bns]), training, b.momentum, b.eps)
     if training:
         with torch.no_grad():
             for m, mu, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):

@@ -1,0 +1,130 @@
+"""Data-parallel joint training (issue 6): `torchrun` with 2 gloo processes on CPU makes the
+update 1 process makes on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from dwf import distributed
+from dwf.cli import app
+from dwf.config import load_params
+from dwf.defenses.dwf import train_expert
+from dwf.train import Objective, _data_parallel
+
+from conftest import digits_arch
+
+BIN = Path(sys.executable).parent
+
+
+def _joint(tmp: Path, params: Path, experts: Path, out: str, nproc: int) -> dict[str, torch.Tensor]:
+    """Run `dwf train-joint` (under torchrun when nproc > 1); return the mixture's weights."""
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "dwf"] \
+        if nproc > 1 else [sys.executable, "-m", "dwf"]
+    # one batch of 1024 (drop-last on 1437 digits): exactly one SGD step
+    cmd += ["train-joint", "--params", str(params), "--experts-dir", str(experts), "--out",
+            str(tmp / out), "--history", str(tmp / f"{out}.json"), "--quiet",
+            "--set", "joint.batch_size=1024"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(tmp / out, weights_only=True)["state_dict"]
+
+
+def test_two_processes_make_the_one_process_update(tiny_params, digits, tmp_path):
+    params = load_params(tiny_params, "digits", [])
+    prof = params.profile("digits")
+    experts = tmp_path / "experts"
+    for i, name in enumerate(params.experts):
+        train_expert(name.split("_")[0], digits[0], digits[1], cfg=prof.expert,
+                     arch_kwargs=digits_arch(prof.width), dataset="digits", seed=i, flip=False,
+                     crop_padding=2, out=experts / f"{name}.pt", device=torch.device("cpu"),
+                     progress=False)
+    one = _joint(tmp_path, tiny_params, experts, "one.pt", nproc=1)
+    two = _joint(tmp_path, tiny_params, experts, "two.pt", nproc=2)
+    start = {f"experts.{i}.{k}": v for i, name in enumerate(params.experts)
+             for k, v in torch.load(experts / f"{name}.pt", weights_only=True)["state_dict"].items()}
+    assert one.keys() == two.keys()
+    for k in one:
+        if k.endswith("num_batches_tracked"):
+            assert one[k] == two[k], k
+            continue
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the step is real: the experts' conv weights moved far more than the two runs differ
+    moved = max((one[k] - start[k]).abs().max().item() for k in start if k.endswith("conv1.weight"))
+    differ = max((one[k] - two[k]).abs().max().item() for k in start if k.endswith("conv1.weight"))
+    assert moved > 1e-3 and differ < moved / 100, (moved, differ)
+
+
+def test_sync_batchnorm_is_batchnorm_in_one_process():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    ref.load_state_dict(net.state_dict())
+    distributed.sync_batchnorm(net)
+    assert isinstance(net[1], distributed.SyncBatchNorm2d)
+    assert net.state_dict().keys() == ref.state_dict().keys()  # checkpoints load either way
+    x = torch.randn(8, 3, 8, 8)
+    torch.testing.assert_close(net(x), ref(x))
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var)
+
+
+def test_world_shards_a_global_batch():
+    t = torch.arange(8)
+    assert [distributed.World(r, 2).shard(t).tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert distributed.World().main and not distributed.World(1, 2).main
+
+
+def test_recipes_with_their_own_objective_are_refused_when_data_parallel():
+    obj = Objective(torch.zeros(()), torch.zeros(1, 10), torch.zeros(1, dtype=torch.long))
+    assert _data_parallel(obj, distributed.World()) is obj
+    with pytest.raises(ValueError, match="own objective"):
+        _data_parallel(obj, distributed.World(0, 2))
+
+
+def test_evaluation_refuses_to_run_as_several_processes(tiny_params, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(app, ["evaluate", "--model", "dwf", "--params", str(tiny_params)])
+    assert res.exit_code == 2 and "torchrun" in res.output
+
+
+def _sync_bn_worker(rank: int, size: int, port: int, out: str) -> None:
+    """One gloo rank: SyncBatchNorm2d on its half of a fixed batch; writes grads and stats."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        torch.manual_seed(0)
+        net = distributed.sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        x = distributed.World(rank, size).shard(torch.randn(8, 3, 6, 6))
+        (net(x) ** 3).mean().backward()  # a loss whose gradient depends on the statistics
+        torch.save({"grad": net[0].weight.grad, "var": net[1].running_var}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sync_batchnorm_over_two_gloo_processes_equals_one_batch(tmp_path):
+    """The module path (the expert loop CUDA runs): statistics, running buffers and gradients
+    of two half batches equal BatchNorm on the whole batch (DDP averages the rank gradients)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(2, port, out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    (ref(torch.randn(8, 3, 6, 6)) ** 3).mean().backward()
+    torch.testing.assert_close((ranks[0]["grad"] + ranks[1]["grad"]) / 2, ref[0].weight.grad,
+                               rtol=1e-4, atol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["var"], ref[1].running_var, rtol=1e-4, atol=1e-6)
