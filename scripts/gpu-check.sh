@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (docs/performance.md): environment, `dwf bench` at the paper's sizes
-# in the variants that decide the GPU defaults, and the CUDA tests (determinism, batched
-# experts, bf16). Needs torch, typer, tqdm, pyyaml, scipy, scikit-learn and pytest; results go
-# to $OUT (default /tmp/dwf-gpu). About 6 minutes on an H200.
+# in the variants that decide the GPU defaults, real training throughput, and the CUDA tests
+# (determinism, batched experts, bf16, CUDA graphs). Needs torch, typer, tqdm, pyyaml, scipy,
+# scikit-learn and pytest; results go to $OUT (default /tmp/dwf-gpu). About 7 minutes on an H200.
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dwf-gpu}
@@ -13,11 +13,13 @@ mkdir -p "$OUT"
 bench() {  # bench NAME [dwf bench options...]
   local name=$1; shift
   timeout 150 python3 -m dwf bench --device cuda --repeats 3 --out "$OUT/bench-$name.json" "$@" 2>&1 \
-    | tee "$OUT/bench-$name.txt"
+    | grep -v Warning | tee "$OUT/bench-$name.txt"
 }
-bench bf16-cl --precision bf16 --channels-last                # with the fp32 reference
-bench fp32 --no-reference                                     # what training ran before bf16
-bench bf16 --precision bf16 --no-reference
-bench bf16-cl-grouped --precision bf16 --channels-last --batched --no-reference
-bench bf16-cl-autotuned --precision bf16 --channels-last --no-deterministic --no-reference
+bench bf16 --precision bf16                                   # training's defaults, with the reference
+bench bf16-grouped --precision bf16 --batched --no-reference
+bench bf16-grouped-nchw --precision bf16 --batched --contiguous --no-reference
+bench fp32-grouped --batched --no-reference
+bench fp32-loop --loop --no-reference
+bench bf16-grouped-autotuned --precision bf16 --batched --no-deterministic --no-reference
+timeout 120 python3 scripts/fit-throughput.py --precision bf16 2>&1 | tee "$OUT/fit.txt"
 timeout 150 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.txt"
