@@ -36,7 +36,7 @@ def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path, precisi
 
 def test_batched_mixture_matches_the_expert_loop_on_cuda(monkeypatch):
     configure_determinism()
-    monkeypatch.setattr(moe_module, "BATCHED_DEVICES", ("cpu", "cuda"))  # CUDA defaults to the loop
+    monkeypatch.setitem(moe_module.BATCHING, "cuda", "always")  # NCHW on CUDA defaults to the loop
     torch.manual_seed(0)
     moe = models.build("softmoe", n_experts=3, expert=digits_arch(8), router_hidden=(32,)).to(CUDA).eval()
     x = torch.rand(16, 3, 32, 32, device=CUDA)
@@ -91,3 +91,29 @@ def test_graphed_pgd_equals_eager_and_sees_weight_updates(precision):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()  # in place: the captured graph must follow
         model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_joint_training_is_bit_identical_on_cuda(digits, tmp_path, precision):
+    """Joint training as CUDA runs it: the expert loop in fp32 (NCHW); in bf16 the grouped
+    experts in NHWC with PGD replayed from a CUDA graph. Two runs with one seed agree bitwise."""
+    from dwf.defenses.dwf import train_joint
+    from dwf.runtime import memory_format
+
+    configure_determinism()
+    cfg = TrainConfig(epochs=1, batch_size=128, lr=0.05, pgd_eps=0.1, pgd_alpha=0.025,
+                      pgd_steps=(2, 3), precision=precision)
+    x_nhwc = torch.rand(2, 3, 32, 32, device=CUDA).contiguous(memory_format=memory_format(CUDA, precision))
+    assert moe_module.batch_here(x_nhwc) == (precision == "bf16")
+    experts = []
+    for i, kind in enumerate(["benign", "pgd"]):
+        experts.append(tmp_path / f"{kind}.pt")
+        train_expert(kind, digits[0], digits[1], cfg=cfg, arch_kwargs=digits_arch(8), dataset="digits",
+                     seed=i, flip=False, crop_padding=2, out=experts[-1], device=CUDA, progress=False)
+    states = []
+    for i in range(2):
+        out = tmp_path / f"joint{i}.pt"
+        train_joint(experts, digits[0], digits[1], cfg=cfg, router_hidden=(32,), dataset="digits",
+                    seed=3, flip=False, crop_padding=2, out=out, device=CUDA, progress=False)
+        states.append(torch.load(out, weights_only=True)["state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -9,7 +9,7 @@ Steps, each on one batch of N images per view:
   pgd_graph (CUDA) - the mixture's PGD with iterations replayed from a CUDA graph.
 The *reference* runs the expert loop in fp32 and takes input gradients with `loss.backward()`
 (which also computes every parameter gradient); the *optimized* path is what training runs:
-the experts batched where that is faster (`models.moe.BATCHED_DEVICES`), `torch.autograd.grad`
+the experts batched where that is faster (`models.moe.BATCHING`), `torch.autograd.grad`
 for the input only, PGD from a CUDA graph in training recipes, and the chosen precision and
 memory format. Images/s counts clean images per view. FLOPs are counted analytically
 (`resnet18_macs`); rates are compared with a measured dense matmul of the path's precision.
@@ -224,14 +224,15 @@ def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
 
 @contextlib.contextmanager
 def _batching(device: torch.device, batched: bool | None):
-    """Override, for one run, where the mixture batches its experts (moe.BATCHED_DEVICES)."""
-    saved = moe.BATCHED_DEVICES
+    """Override, for one run, where the mixture batches its experts (moe.BATCHING)."""
+    saved = dict(moe.BATCHING)
     if batched is not None:
-        moe.BATCHED_DEVICES = (device.type,) if batched else ()
+        moe.BATCHING[device.type] = "always" if batched else "never"
     try:
         yield
     finally:
-        moe.BATCHED_DEVICES = saved
+        moe.BATCHING.clear()
+        moe.BATCHING.update(saved)
 
 
 def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]:

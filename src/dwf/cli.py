@@ -342,7 +342,7 @@ def bench(device: DeviceOpt = None,
     dev = pick_device(device)
     sizes = {"width": width, "batch": batch, "pgd_steps": pgd_steps, "repeats": repeats}
     if channels_last is None:
-        channels_last = memory_format(dev) == torch.channels_last
+        channels_last = memory_format(dev, precision) == torch.channels_last
     cfg = dataclasses.replace(DEFAULTS.get(dev.type, DEFAULTS["cpu"]), precision=precision,
                               channels_last=channels_last, batched=batched, reference=reference,
                               **{k: v for k, v in sizes.items() if v is not None})

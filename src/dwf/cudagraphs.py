@@ -45,7 +45,8 @@ class CapturedIteration:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads may keep launching work (e.g. experts trained side by side)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             step()
 
     def run(self, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:

@@ -33,14 +33,16 @@ def configure_determinism() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-# Devices whose training runs in NHWC memory format (docs/performance.md: cuDNN's bf16 and
-# grouped convolutions are faster in NHWC on an H200; oneDNN on CPU gains nothing measurable).
-CHANNELS_LAST_DEVICES = ("cuda",)
+def memory_format(device: torch.device, precision: str) -> torch.memory_format:
+    """The memory format training uses (a layout only: results do not change).
 
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """The memory format training uses on `device` (a layout only: results do not change)."""
-    return torch.channels_last if device.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
+    NHWC for bf16 on CUDA, where cuDNN's NHWC kernels are faster and make the grouped experts
+    beat the loop (models.moe.BATCHING); NCHW otherwise: in fp32 on an H200 the NCHW loop
+    measured fastest, and oneDNN on CPU gains nothing measurable (docs/performance.md).
+    """
+    if device.type == "cuda" and precision == "bf16":
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def autocast(precision: str, device: torch.device):

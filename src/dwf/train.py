@@ -127,7 +127,7 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         meta: extra fields stored in every checkpoint (arch, arch_kwargs, dataset ...).
     """
     x_train, y_train = x_train.to(device), y_train.to(device)
-    layout = memory_format(device)
+    layout = memory_format(device, cfg.precision)
     model.to(memory_format=layout)
     rng = torch.Generator().manual_seed(seed)
     phases = list(recipe) if isinstance(recipe, Sequence) else [Phase(recipe, nn.Module.parameters)]

@@ -33,10 +33,19 @@ class Router(nn.Module):
         return torch.softmax(self.scores(x).float(), dim=-1)  # (N, E), rows sum to 1, fp32
 
 
-# Where the grouped-convolution path is faster than the expert loop (docs/performance.md):
-# 1.8-1.9x per PGD step on CPU at width 8; on an H200 at width 64 cuDNN's grouped convolutions
-# run at 0.65-0.80x of nine dense ones, so CUDA keeps the loop.
-BATCHED_DEVICES = ("cpu",)
+# Where the grouped-convolution path is faster than the expert loop, by device type
+# (docs/performance.md): "always", "never", or "channels_last" (NHWC inputs only). CPU, width
+# 8: 1.8-1.9x per PGD step. H200, width 64: NHWC grouped 1.2-2.1x the loop in bf16, NCHW
+# grouped 0.65-0.8x in fp32 (where the NCHW loop is fastest); training picks NHWC exactly
+# for bf16 on CUDA (runtime.memory_format).
+BATCHING = {"cpu": "always", "cuda": "channels_last"}
+
+
+def batch_here(x: torch.Tensor) -> bool:
+    """Whether the experts should run batched on input x (BATCHING)."""
+    mode = BATCHING.get(x.device.type, "never")
+    return mode == "always" or (mode == "channels_last"
+                                and x.is_contiguous(memory_format=torch.channels_last))
 
 
 class SoftMoE(nn.Module):
@@ -45,9 +54,10 @@ class SoftMoE(nn.Module):
     The router sees the same normalized image as the experts. `forward` returns only the
     mixed logits, so any attack library can use the model as a plain classifier; the gate
     is exposed through `gate_weights` and `expert_logits` for analysis and gate-aware attacks.
-    When the experts share one ResNet18 architecture they run as one batched computation on
-    the devices where that measured faster (BATCHED_DEVICES; models/batched.py); `batched =
-    False` switches to the expert loop, the reference it is tested against. Either way the parameters live in the experts (`experts.{i}.*`).
+    When the experts share one ResNet18 architecture they run as one batched computation where
+    that measured faster (`batch_here`; models/batched.py); `batched = False` switches to the
+    expert loop, the reference it is tested against. Either way the parameters live in the
+    experts (`experts.{i}.*`).
 
     Args:
         experts: classifiers taking [0, 1] images and returning (N, C) logits.
@@ -74,7 +84,7 @@ class SoftMoE(nn.Module):
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's logits f_i(x), shape (N, E, C)."""
-        if self.batched and x.device.type in BATCHED_DEVICES:
+        if self.batched and batch_here(x):
             return batched.expert_logits(self.experts, x)
         return torch.stack([f(x) for f in self.experts], dim=1)
 
