@@ -2,7 +2,8 @@
 # One prepared GPU session (docs/performance.md): environment, `dwf bench` at the paper's sizes
 # in the variants that decide the GPU defaults, real training throughput, and the CUDA tests
 # (determinism, batched experts, bf16, CUDA graphs). Needs torch, typer, tqdm, pyyaml, scipy,
-# scikit-learn and pytest; results go to $OUT (default /tmp/dwf-gpu). About 4 minutes on an H200.
+# scikit-learn and pytest; results go to $OUT (default /tmp/dwf-gpu). About 4 minutes on an H200; ALL=1 adds
+# the variants behind the defaults (about 3 more).
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dwf-gpu}
@@ -19,8 +20,9 @@ timeout 150 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>
 bench bf16 --precision bf16                    # training's bf16 defaults (NHWC, grouped), with the reference
 timeout 120 python3 scripts/fit-throughput.py --precision bf16 --batches 80 --concurrent 4 2>&1 | tee "$OUT/fit.txt"
 bench fp32 --no-reference                      # training's fp32 defaults (NCHW, expert loop)
-# the variants that chose those defaults (docs/performance.md), when time allows:
-# bench bf16-loop --precision bf16 --loop --no-reference
-# bench bf16-grouped-nchw --precision bf16 --batched --contiguous --no-reference
-# bench fp32-grouped-nhwc --batched --channels-last --no-reference
-# bench bf16-autotuned --precision bf16 --no-deterministic --no-reference
+if [ "${ALL:-0}" = 1 ]; then  # the variants that chose those defaults (docs/performance.md)
+  bench bf16-loop --precision bf16 --loop --no-reference
+  bench bf16-grouped-nchw --precision bf16 --batched --contiguous --no-reference
+  bench fp32-grouped-nhwc --batched --channels-last --no-reference
+  bench bf16-autotuned --precision bf16 --no-deterministic --no-reference
+fi
