@@ -1,6 +1,7 @@
 # The same pipeline as dvc.yaml, for clusters: every expert training is an independent job.
 #   snakemake -n                                   # dry run: list every job
 #   snakemake --workflow-profile profiles/slurm    # submit to SLURM (GPU jobs as resources)
+#   snakemake --config joint_gpus=4 ...            # joint training over 4 GPUs (torchrun, DDP)
 # Outputs land at the paths dvc.yaml declares; record them with `dvc commit` (README).
 
 configfile: "params.yaml"
@@ -14,6 +15,10 @@ RUNS = config["runs"]
 EXPERTS = config["experts"]
 BASELINES = config.get("baselines", [])
 MODELS = config["evaluate_models"]
+# GPUs of one joint-training job; above 1 it runs under torchrun (DDP, dwf.distributed), and
+# the joint batch size must divide evenly over them
+JOINT_GPUS = int(config.get("joint_gpus", 1))
+JOINT_LAUNCH = f"torchrun --standalone --nproc_per_node={JOINT_GPUS} -m dwf" if JOINT_GPUS > 1 else "dwf"
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
@@ -62,9 +67,11 @@ rule joint:
     log:
         "logs/joint/{dataset}/run{run}.log",
     resources:
-        gpu=1,
+        gpu=JOINT_GPUS,
+    params:
+        launch=JOINT_LAUNCH,
     shell:
-        "dwf train-joint --dataset {wildcards.dataset} --run {wildcards.run} --quiet > {log} 2>&1"
+        "{params.launch} train-joint --dataset {wildcards.dataset} --run {wildcards.run} --quiet > {log} 2>&1"
 
 
 rule baseline:
