@@ -136,3 +136,12 @@ def test_pgd_iterates_equal_separate_runs(trained_model, test_batch):
     for k in (2, 5):
         alone = attacks.pgd(trained_model, x, y, eps=0.1, alpha=0.025, steps=k, seed=4)
         assert torch.equal(snaps[k], alone)
+
+
+def test_graph_flag_is_the_same_attack_on_cpu(small):
+    """graph=True asks for CUDA-graph replay (tests/test_gpu.py checks it on CUDA); on the CPU
+    it is ignored, with the same result."""
+    model, x, y = small
+    a = attacks.pgd(model, x, y, eps=0.1, alpha=0.03, steps=3, seed=1)
+    b = attacks.pgd(model, x, y, eps=0.1, alpha=0.03, steps=3, seed=1, graph=True)
+    assert torch.equal(a, b)

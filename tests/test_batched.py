@@ -124,3 +124,21 @@ def test_mixed_experts_fall_back_to_loop():
     moe = SoftMoE(experts, arch["mean"], arch["std"], (16,))
     assert not moe.batched
     assert moe(_inputs()[0]).shape == (N, 10)
+
+
+def test_where_the_experts_batch(monkeypatch):
+    """moe.BATCHING: always on CPU; on CUDA only for NHWC inputs (the mode tried here on CPU),
+    and training picks NHWC exactly for bf16 on CUDA (runtime.memory_format)."""
+    from dwf.models import moe
+    from dwf.runtime import memory_format
+
+    x = torch.rand(2, 3, 8, 8)
+    assert moe.batch_here(x)
+    monkeypatch.setitem(moe.BATCHING, "cpu", "channels_last")
+    assert not moe.batch_here(x)
+    assert moe.batch_here(x.contiguous(memory_format=torch.channels_last))
+    monkeypatch.setitem(moe.BATCHING, "cpu", "never")
+    assert not moe.batch_here(x.contiguous(memory_format=torch.channels_last))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert memory_format(cuda, "bf16") == torch.channels_last
+    assert memory_format(cuda, "fp32") == memory_format(cpu, "bf16") == torch.contiguous_format
