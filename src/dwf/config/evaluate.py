@@ -1,0 +1,48 @@
+"""The evaluation section of params.yaml (Table 4 and the stronger attacks beyond it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dwf.config.base import check, choice, in_unit, nonempty, positive
+
+AUTOATTACK_VERSIONS = ("standard", "plus")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The paper's test protocol (Table 4)."""
+
+    n_examples: int = 0              # first-N test examples; 0 = the whole test set
+    batch_size: int = 500
+    fgsm_eps: tuple[float, ...] = tuple(i / 100 for i in range(1, 10))
+    pgd_eps: float = 8 / 255
+    pgd_alpha: float = 2 / 255
+    pgd_steps: tuple[int, ...] = (10, 20, 30, 40, 50)
+    ms_steps: int = 100              # multi-step PGD: 100 iterations ...
+    ms_restarts: int = 3             # ... 3 random restarts
+    adaptive_steps: int = 100        # "adaptive" PGD-100 through the whole mixture, EoT = 1
+    # beyond the paper (evaluation issue): stronger attacks, AutoAttack and the audit
+    strong: bool = True              # DLR/margin PGD, gate and single-expert PGD, transfer attacks
+    strong_steps: int = 100
+    strong_restarts: int = 1
+    autoattack: bool = True          # official AutoAttack at pgd_eps on the first autoattack_n
+    autoattack_n: int = 0            # 0 = every evaluated example
+    autoattack_version: str = "standard"
+    audit: bool = True               # gradient-masking and attack sanity checks (dwf.audit)
+    audit_n: int = 1000              # first-N examples the audit attacks (0 = all)
+    square_queries: int = 5000       # Square attack queries in the audit (AutoAttack: 5000)
+
+    def __post_init__(self):
+        check(self.n_examples >= 0, "n_examples", "an integer >= 0 (0 = all)")
+        check(self.autoattack_n >= 0, "autoattack_n", "an integer >= 0 (0 = all)")
+        check(self.audit_n >= 0, "audit_n", "an integer >= 0 (0 = all)")
+        choice(self.autoattack_version, "autoattack_version", AUTOATTACK_VERSIONS)
+        positive(self, "batch_size", "ms_steps", "ms_restarts", "adaptive_steps", "strong_steps",
+                  "strong_restarts", "square_queries")
+        in_unit(self, "pgd_eps", "pgd_alpha")
+        nonempty(self, "fgsm_eps", "pgd_steps")
+        for e in self.fgsm_eps:
+            check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
+        for k in self.pgd_steps:
+            check(k >= 1, "pgd_steps", f"values >= 1, got {k}")

@@ -1,0 +1,206 @@
+"""params.yaml -> frozen dataclasses. Unknown keys, wrong types and bad values fail loudly.
+
+The library never reads params.yaml; the CLI loads it here and passes plain values down.
+Epsilons and step sizes may be written as fractions ("8/255"); all are [0, 1] pixel units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dwf.config.base import ConfigError, check, choice, nonempty, positive
+from dwf.config.evaluate import EvalConfig
+from dwf.config.train import Baselines, TrainConfig
+
+DATASETS = ("cifar10", "svhn", "digits")
+EXPERT_KINDS = ("benign", "fgsm", "pgd")
+NORMALIZATIONS = ("correct", "paper")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything about one dataset: data, model size, the two training stages, evaluation."""
+
+    expert: TrainConfig
+    joint: TrainConfig
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    width: int = 64                  # ResNet-18 first-stage channels (paper: 64)
+    normalization: str = "correct"   # "paper" uses the statistics as printed (swapped)
+    flip: bool = False               # horizontal flip augmentation (CIFAR-10 only)
+    crop_padding: int = 4            # random-crop padding in pixels
+    router_hidden: tuple[int, ...] = (1024, 512, 128)
+    baselines: Baselines = field(default_factory=Baselines)
+
+    def __post_init__(self):
+        positive(self, "width")
+        check(self.crop_padding >= 0, "crop_padding", "an integer >= 0")
+        choice(self.normalization, "normalization", NORMALIZATIONS)
+        nonempty(self, "router_hidden")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    seed: int
+    runs: tuple[int, ...]            # run indices; run r derives its seeds from seed + r
+    datasets: tuple[str, ...]
+    experts: tuple[str, ...]
+    profiles: dict[str, Profile]
+    baselines: tuple[str, ...] = ()  # systems the pipeline trains per dataset and run (Tables 2-3)
+    evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
+    data_root: str = "data"
+
+    def __post_init__(self):
+        nonempty(self, "runs", "datasets", "experts", "evaluate_models")
+        check(all(r >= 0 for r in self.runs) and len(set(self.runs)) == len(self.runs), "runs",
+               f"distinct run indices >= 0, got {list(self.runs)}")
+        for d in self.datasets:
+            choice(d, "datasets", DATASETS)
+            check(d in self.profiles, "datasets", f"a section '{d}:' for every listed dataset")
+        for e in self.experts:
+            check(e.split("_")[0] in EXPERT_KINDS, "experts",
+                   f"names starting with one of {', '.join(EXPERT_KINDS)} (e.g. fgsm_0), got {e!r}")
+        check(len(set(self.experts)) == len(self.experts), "experts", "unique names")
+        known = tuple(f.name for f in dataclasses.fields(Baselines))
+        for b in self.baselines:
+            choice(b, "baselines", known)
+            for d in self.datasets:
+                self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
+        models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines)
+        for m in self.evaluate_models:
+            choice(m, "evaluate_models", models)
+
+    def profile(self, dataset: str) -> Profile:
+        choice(dataset, "dataset", DATASETS)
+        if dataset not in self.profiles:
+            raise ConfigError(f"dataset: no section '{dataset}:' in params")
+        return self.profiles[dataset]
+
+
+def expert_kind(name: str) -> str:
+    """'fgsm_2' -> 'fgsm' (the training recipe of an expert)."""
+    return name.split("_")[0]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_params(path: str | Path, dataset: str | None = None,
+                overrides: typing.Sequence[str] = ()) -> Params:
+    """Read and validate params.yaml. Raises ConfigError naming the key on any problem.
+
+    Args:
+        path: the params file.
+        dataset: the section `overrides` apply to.
+        overrides: "dotted.key=value" strings (value parsed as YAML), e.g. "expert.epochs=2".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if overrides:
+        if dataset is None or not isinstance(raw, dict) or not isinstance(raw.get(dataset), dict):
+            raise ConfigError(f"--set: no section '{dataset}:' in {path} to override")
+        for item in overrides:
+            _override(raw[dataset], item, dataset)
+    return parse_params(raw)
+
+
+def _override(section: dict, item: str, dataset: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. expert.epochs=2")
+    *parents, leaf = key.strip().split(".")
+    node = section
+    for k in parents:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[leaf] = yaml.safe_load(value)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as read from YAML) into Params."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params: expected a mapping at the top level")
+    raw = dict(raw)
+    if "profiles" in raw:
+        raise ConfigError("profiles: unknown key; write one section per dataset (cifar10:, svhn:, digits:)")
+    profiles = {d: _build(Profile, raw.pop(d), f"{d}.") for d in DATASETS if d in raw}
+    return _build(Params, {**raw, "profiles": profiles}, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or len(inner) != 1:
+            return value
+        return _coerce(value, inner[0], key)  # Optional[X]: validated as X
+    if origin is dict:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        return _number(value, key)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # a bug in this module, not in params
+
+
+def _number(value: Any, key: str) -> float:
+    """A float, accepting fractions written as strings ("8/255")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")

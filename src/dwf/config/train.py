@@ -1,0 +1,125 @@
+"""Training sections of params.yaml: one stage each (Table 5), and the baselines' settings.
+
+A training stage's DVC deps name this module, not the evaluation's (config/evaluate.py), so an
+evaluation option never retrains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from dwf.config.base import ConfigError, check, choice, in_unit, nonempty, positive
+
+BN_MODES = ("eval", "train")
+ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.md
+PRECISIONS = ("fp32", "bf16")  # training arithmetic; bf16 = autocast, docs/performance.md
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage (Table 5): SGD with momentum, cosine annealing over all iterations."""
+
+    epochs: int
+    batch_size: int = 128            # per view; joint training feeds 3 x batch_size (clean, FGSM, PGD)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    fgsm_eps: tuple[float, ...] = tuple(i / 100 for i in range(1, 10))  # drawn per batch (Alg. 1)
+    pgd_eps: float = 8 / 255
+    pgd_alpha: float = 2 / 255
+    pgd_steps: tuple[int, ...] = (10, 20, 30, 40, 50)  # drawn per batch (Alg. 2)
+    attack_bn: str = "eval"          # BatchNorm mode while crafting training attacks (paper silent)
+    precision: str = "fp32"          # "bf16": autocast, stem + perturbation + loss stay fp32
+
+    def __post_init__(self):
+        positive(self, "epochs", "batch_size", "lr")
+        in_unit(self, "pgd_eps", "pgd_alpha", "weight_decay", "momentum")
+        nonempty(self, "fgsm_eps", "pgd_steps")
+        for e in self.fgsm_eps:
+            check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
+        for s in self.pgd_steps:
+            check(s >= 1, "pgd_steps", f"values >= 1, got {s}")
+        choice(self.attack_bn, "attack_bn", BN_MODES)
+        choice(self.precision, "precision", PRECISIONS)
+
+
+@dataclass(frozen=True)
+class AdvTrainConfig(TrainConfig):
+    """FGSM-AT / PGD-AT (section 5): a fraction of every batch replaced by its attacked images.
+
+    FGSM-AT draws eps from fgsm_eps; PGD-AT uses pgd_eps, pgd_alpha and steps from pgd_steps.
+    """
+
+    adv_fraction: float = 0.5        # "half of each training batch"
+    random_start: bool = False       # PGD-AT start: uniform in the ball, or at x
+
+    def __post_init__(self):
+        super().__post_init__()
+        in_unit(self, "adv_fraction")
+
+
+@dataclass(frozen=True)
+class TradesConfig(TrainConfig):
+    """TRADES (Zhang et al. 2019): CE(clean) + beta * KL(adv || clean); PGD on the KL term."""
+
+    beta: float = 6.0
+    start_std: float = 0.001         # Gaussian start of the KL attack, pixel units (TRADES code)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.beta >= 0 and self.start_std >= 0, "beta", "beta >= 0 and start_std >= 0")
+
+
+@dataclass(frozen=True)
+class SoEConfig(TrainConfig):
+    """SoE (Cui et al. 2022): sub-models with confidence heads, PGD on the whole ensemble."""
+
+    n_submodels: int = 3
+    confidence_weight: float = 1.0   # lambda of the confidence-head loss (official: 1.0)
+    random_start: bool = False       # training PGD start (official default: at x)
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive(self, "n_submodels")
+        check(self.confidence_weight >= 0, "confidence_weight", "a value >= 0")
+
+
+@dataclass(frozen=True)
+class ADVMoEConfig(TradesConfig):
+    """ADVMoE (Zhang et al. 2023): MoE convolutions, alternating expert and router TRADES steps."""
+
+    n_experts: int = 2
+    ratio: float = 0.5               # expert width as a fraction of the dense layer's
+    router_lr: float = 0.1           # official code: the model's lr (its --router-lr is unused)
+    router_width: int = 16           # router CNN: ResNet-20-like, stages of w, 2w, 4w
+    router_blocks: int = 3           # blocks per router stage (3 = ResNet-20)
+    router_objective: str = "official"  # "official": alpha*CE(router, y mod E) + beta*KL; "paper"
+    router_alpha: float = 6.0        # weight of the official router CE term
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive(self, "n_experts", "router_lr", "router_width", "router_blocks")
+        check(0 < self.ratio <= 1, "ratio", f"a value in (0, 1], got {self.ratio}")
+        choice(self.router_objective, "router_objective", ROUTER_OBJECTIVES)
+        check(self.router_alpha >= 0, "router_alpha", "a value >= 0")
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Settings of every system the paper compares against, by defense name (docs/baselines.md)."""
+
+    resnet18: TrainConfig | None = None
+    resnet18_fgsm_at: AdvTrainConfig | None = None
+    resnet18_pgd_at: AdvTrainConfig | None = None
+    trades: TradesConfig | None = None
+    soe: SoEConfig | None = None
+    advmoe: ADVMoEConfig | None = None
+
+    def get(self, name: str) -> TrainConfig:
+        """The settings of defense `name`; ConfigError if the profile has none."""
+        names = [f.name for f in dataclasses.fields(self)]
+        choice(name, "baselines", tuple(names))
+        if getattr(self, name) is None:
+            raise ConfigError(f"baselines.{name}: no settings for this defense in the profile")
+        return getattr(self, name)
