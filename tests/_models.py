@@ -55,3 +55,20 @@ def _copy(model: nn.Module) -> nn.Module:
     clone = models.ResNet18(num_classes=model.linear.out_features, width=model.conv1.out_channels)
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+def robust_by_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        device: torch.device) -> dict[str, float]:
+    """Robust accuracy (%) under PGD-10 at eps 0.05 crafted in fp32 and in bf16 autocast, both
+    scored in fp32: the mixed-precision attack-strength check (issue 6)."""
+    from dwf import attacks
+    from dwf.runtime import autocast
+
+    robust = {}
+    for precision in ("fp32", "bf16"):
+        with autocast(precision, device):
+            x_adv = attacks.pgd(model, x, y, eps=0.05, alpha=0.0125, steps=10, seed=0)
+        with torch.no_grad():
+            robust[precision] = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+    return robust
+

@@ -11,6 +11,7 @@ from dwf.defenses.dwf import train_expert
 from dwf.models import moe as moe_module
 from dwf.runtime import autocast, configure_determinism
 
+from _models import robust_by_precision
 from conftest import digits_arch
 
 pytestmark = [pytest.mark.gpu,
@@ -54,13 +55,7 @@ def test_bf16_attack_strength_within_one_point_of_fp32_on_cuda(trained_model, di
     """tests/test_precision.py's check with CUDA's bf16 kernels."""
     configure_determinism()
     model = trained_model.to(CUDA)
-    x, y = data.to_unit(digits[2]).to(CUDA), digits[3].to(CUDA)
-    robust = {}
-    for precision in ("fp32", "bf16"):
-        with autocast(precision, CUDA):
-            x_adv = attacks.pgd(model, x, y, eps=0.05, alpha=0.0125, steps=10, seed=0)
-        with torch.no_grad():
-            robust[precision] = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+    robust = robust_by_precision(model, data.to_unit(digits[2]).to(CUDA), digits[3].to(CUDA), CUDA)
     model.cpu()
     assert 20 < robust["fp32"] < 80, robust
     assert abs(robust["bf16"] - robust["fp32"]) <= 1.0, robust

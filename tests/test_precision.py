@@ -12,6 +12,8 @@ from dwf.defenses.dwf import pgd_batch
 from dwf.runtime import autocast
 from dwf.train import fit
 
+from _models import robust_by_precision
+
 CPU = torch.device("cpu")
 ARCH = {"num_classes": 10, "width": 8, "mean": (0.5,) * 3, "std": (0.25,) * 3}
 
@@ -76,13 +78,7 @@ def test_bf16_attack_strength_within_one_point_of_fp32(trained_model, digits):
     eps 0.05 puts the small benign model mid-range (~49% robust on the 360 test digits), where
     a weaker attack would show; both sets of images are scored in fp32.
     """
-    x, y = data.to_unit(digits[2]), digits[3]
-    robust = {}
-    for precision in ("fp32", "bf16"):
-        with autocast(precision, CPU):
-            x_adv = attacks.pgd(trained_model, x, y, eps=0.05, alpha=0.0125, steps=10, seed=0)
-        with torch.no_grad():
-            robust[precision] = 100.0 * (trained_model(x_adv).argmax(1) == y).float().mean().item()
+    robust = robust_by_precision(trained_model, data.to_unit(digits[2]), digits[3], CPU)
     assert 20 < robust["fp32"] < 80, robust  # mid-range, or the comparison says nothing
     assert abs(robust["bf16"] - robust["fp32"]) <= 1.0, robust
 
