@@ -62,11 +62,11 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World(), device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
+    if device.type == "cuda":  # before the group exists, so NCCL binds this process's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world(), device
 
 
