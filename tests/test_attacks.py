@@ -145,3 +145,17 @@ def test_graph_flag_is_the_same_attack_on_cpu(small):
     a = attacks.pgd(model, x, y, eps=0.1, alpha=0.03, steps=3, seed=1)
     b = attacks.pgd(model, x, y, eps=0.1, alpha=0.03, steps=3, seed=1, graph=True)
     assert torch.equal(a, b)
+
+
+def test_graph_replay_needs_eval_mode(small):
+    """A captured iteration would update train-mode BatchNorm statistics in its warm-up passes;
+    dwf.cudagraphs refuses such a model (attacks.pgd then stays eager)."""
+    from dwf import cudagraphs
+
+    model, x, y = small
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            cudagraphs.replay(model, lambda xa, x0, y0: xa, ("noop",), x, x, y, 1)
+    finally:
+        model.eval()

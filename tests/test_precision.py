@@ -36,8 +36,8 @@ def test_resnet_stem_and_logits_stay_fp32_under_bf16():
     model = models.build("resnet18", **ARCH).eval()
     got = _dtypes(model, ["conv1", "layer1.0.conv1", "layer4.1.conv2", "linear"], torch.rand(4, 3, 32, 32))
     assert got["conv1"] == torch.float32  # the stem: input gradients end here
-    assert got["layer1.0.conv1"] == got["layer4.1.conv2"] == got["linear"] == torch.bfloat16
-    assert got["logits"] == torch.float32
+    assert got["layer1.0.conv1"] == got["layer4.1.conv2"] == torch.bfloat16
+    assert got["linear"] == got["logits"] == torch.float32  # logits computed, not just cast, in fp32
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -46,6 +46,10 @@ def test_mixture_gate_and_mix_stay_fp32_under_bf16(batched):
     moe = models.build("softmoe", n_experts=3, expert=ARCH, router_hidden=(16,)).eval()
     moe.batched = batched
     x = torch.rand(4, 3, 32, 32)
+    got = _dtypes(moe, ["router.scores.1", "experts.0.layer1.0.conv1"], x)
+    assert got["router.scores.1"] == torch.float32  # the gate: a second input-gradient path
+    if not batched:  # the grouped path does not call the experts' modules
+        assert got["experts.0.layer1.0.conv1"] == torch.bfloat16
     with autocast("bf16", CPU):
         w, out = moe.gate_weights(x), moe(x)
     assert w.dtype == out.dtype == torch.float32

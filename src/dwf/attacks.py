@@ -109,8 +109,8 @@ def _pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
              steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss,
              graph: bool = False) -> torch.Tensor:
-    """One PGD run: its last iterate (replayed from a CUDA graph if asked and on CUDA)."""
-    if graph and x.is_cuda and steps > 0:
+    """One PGD run: its last iterate (replayed from a CUDA graph if asked, on CUDA, in eval mode)."""
+    if graph and x.is_cuda and steps > 0 and not model.training:
         start = _pgd_start(x, eps, random_start, generator)
         return cudagraphs.replay(
             model, lambda xa, x0, y0: _pgd_step(model, xa, x0, y0, eps, alpha, loss_fn),
@@ -165,9 +165,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         restarts: number of runs; random_start: start uniformly in the ball (else at x).
         seed: seed of the random starts (None: torch's global generator).
         loss: name in LOSSES.
-        graph: on CUDA, replay each iteration from a captured CUDA graph (dwf.cudagraphs):
-            the same computation without per-kernel launches; for repeated calls on one batch
-            shape (training). Ignored on the CPU.
+        graph: on CUDA with the model in eval mode, replay each iteration from a captured
+            CUDA graph (dwf.cudagraphs): the same computation without per-kernel launches; for
+            repeated calls on one batch shape (training). Ignored otherwise.
     Returns:
         adversarial images, detached.
     """

@@ -8,13 +8,14 @@ H200 this measured 1.8x per iteration for one bf16 ResNet-18 loop (launch-bound)
 grouped nine-expert mixture.
 
 Parameters, BatchNorm statistics and the batch are read from their storage at replay, so
-in-place optimizer updates between calls are seen; a model moved or converted is a new key.
-A captured graph holds no reference to its model, so the cache entry goes with the model.
+in-place optimizer updates between calls are seen; a model moved or converted drops its
+graphs. Eval mode only: crafting in train mode (`attack_bn: train`) stays eager.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from typing import Callable
 
@@ -23,8 +24,10 @@ from torch import nn
 
 Iteration = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# model -> {key: captured graph}; entries go with their model
+# model -> {key: captured graph}; entries go with their model (a graph holds no reference to it)
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# torch captures one graph at a time per process; threads training side by side take turns
+_CAPTURE = threading.Lock()
 
 
 class CapturedIteration:
@@ -42,14 +45,14 @@ class CapturedIteration:
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up outside capture: allocator, cuDNN plans
-            for _ in range(2):
+        with _CAPTURE, torch.cuda.stream(side):
+            for _ in range(2):  # warm up outside capture: allocator, cuDNN plans
+                step()
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads may keep launching work meanwhile
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads may keep launching work (e.g. experts trained side by side)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            step()
 
     def run(self, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
         self.x.copy_(x)
@@ -68,17 +71,25 @@ def replay(model: nn.Module, iteration: Iteration, key: tuple, start: torch.Tens
            x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` iterations from `start`, replayed from the graph cached for (model, key, shapes).
 
+    The model must be in eval mode throughout (no BatchNorm statistics to update: the warm-up
+    passes would update them twice more than eager PGD does).
+
     Args:
         model: owner of the cache entry (the network `iteration` calls).
         iteration: (x_adv, x, y) -> next x_adv; a pure function of its inputs and the model.
         key: what else the iteration depends on (budget, loss ...).
     """
-    amp = _autocast_dtype()
-    # the storage the graph reads: a model moved or converted (.to) since capture is recaptured
-    storage = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    full = (key, tuple(x.shape), x.dtype, x.stride(), tuple(y.shape), model.training,
-            getattr(model, "batched", None), amp, x.device, storage)
+    if any(m.training for m in model.modules()):
+        raise ValueError("CUDA-graph PGD needs the model in eval mode")
     graphs = _GRAPHS.setdefault(model, {})
+    # the storage the graphs read: a model moved or converted (.to) since makes them all stale
+    storage = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    if graphs.get("storage") != storage:
+        graphs.clear()
+        graphs["storage"] = storage
+    route = model.capture_key(x) if hasattr(model, "capture_key") else None  # e.g. grouped or loop
+    full = (key, tuple(x.shape), x.dtype, x.stride(), tuple(y.shape), y.dtype, x.device,
+            _autocast_dtype(), route)
     if full not in graphs:
-        graphs[full] = CapturedIteration(iteration, x, y, amp)
+        graphs[full] = CapturedIteration(iteration, x, y, _autocast_dtype())
     return graphs[full].run(start, x, y, steps)

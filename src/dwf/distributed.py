@@ -45,6 +45,35 @@ class World:
         return t
 
 
+def shardable(recipe):
+    """Mark a training recipe as safe to run on shards of the global batch.
+
+    A recipe is shardable when its output for each example depends only on that example and on
+    per-batch draws (an eps, an iteration count), not on the batch size or on draws shaped like
+    the batch: then the shards' outputs are the whole batch's. DWF's recipes are; PGD-AT with a
+    random start (noise shaped like the shard) or FGSM-AT's attacked fraction are not.
+    """
+    recipe.shardable = True
+    return recipe
+
+
+def require_shardable(recipes, world: World) -> None:
+    """Refuse data-parallel training with a recipe that is not `shardable` (ValueError)."""
+    if world.size == 1:
+        return
+    for recipe in recipes:
+        if not getattr(recipe, "shardable", False):
+            name = getattr(recipe, "__name__", repr(recipe))
+            raise ValueError(f"{name} does not give the same batch on shards of the global batch; "
+                             "run it as one process (data-parallel training supports DWF's recipes)")
+
+
+def same_on_all_ranks(value: int, world: World, device: torch.device) -> bool:
+    """Whether every rank holds the same integer (n * sum(v^2) == sum(v)^2 iff all equal)."""
+    t = world.sum(torch.tensor([value, value * value], dtype=torch.float64, device=device))
+    return bool(world.size * t[1] == t[0] * t[0])
+
+
 def world() -> World:
     """The current World: torch.distributed's if initialized, else a single process."""
     if dist.is_available() and dist.is_initialized():
@@ -92,24 +121,26 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.T
                eps: float) -> torch.Tensor:
     """F.batch_norm, with train-mode statistics taken over the global batch of all ranks.
 
-    Per-channel sums and sums of squares are added over ranks by a differentiable all-reduce,
-    so the backward pass carries every rank's share of the statistics' gradient, as one
-    process on the whole batch would. With one process this is F.batch_norm itself.
+    Per-channel sums are added over ranks by a differentiable all-reduce, first for the mean,
+    then for the centred sum of squares (two passes, as exact as BatchNorm's own variance when
+    a channel's mean is large against its spread), so the backward pass carries every rank's
+    share of the statistics' gradient, as one process on the whole batch would. With one
+    process this is F.batch_norm itself.
     """
     if not training or world().size == 1:
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     c, xf = x.shape[1], x.float()
     count = torch.full((1,), x.numel() / c, device=x.device)
-    stats = _AllSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-    n = stats[-1]
-    mean = stats[:c] / n
-    var = stats[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalizes with
+    sums = _AllSum.apply(torch.cat([xf.sum((0, 2, 3)), count]))
+    n = sums[-1]
+    mean = sums[:c] / n
+    centred = xf - mean.view(1, -1, 1, 1)
+    var = _AllSum.apply((centred * centred).sum((0, 2, 3))) / n  # biased, as BatchNorm normalizes
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(momentum * mean)
         running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased, as BatchNorm
     scale = weight * torch.rsqrt(var + eps)
-    out = (xf - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
-    return out.to(x.dtype)
+    return (centred * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)).to(x.dtype)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):

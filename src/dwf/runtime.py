@@ -34,7 +34,8 @@ def configure_determinism() -> None:
 
 
 def memory_format(device: torch.device, precision: str) -> torch.memory_format:
-    """The memory format training uses (a layout only: results do not change).
+    """The memory format training uses (a layout; on CUDA it also routes the mixture to the
+    grouped experts, models.moe.BATCHING: the same function up to float rounding).
 
     NHWC for bf16 on CUDA, where cuDNN's NHWC kernels are faster and make the grouped experts
     beat the loop (models.moe.BATCHING); NCHW otherwise: in fp32 on an H200 the NCHW loop
@@ -48,10 +49,10 @@ def memory_format(device: torch.device, precision: str) -> torch.memory_format:
 def autocast(precision: str, device: torch.device):
     """The arithmetic of a training step: "fp32" (a no-op) or "bf16" autocast.
 
-    Under bf16 the convolutions and matmuls run in bfloat16; what must stay exact stays fp32
+    Under bf16 the experts' inner convolutions run in bfloat16; what must stay exact stays fp32
     by construction: the images and their perturbation (fp32 tensors, elementwise updates),
-    the ResNet-18 stem and the logits (`models.resnet`), the gate's softmax and the mixing
-    (`models.moe`), hence every loss.
+    each expert's stem and final linear layer (`models.resnet`, `models.batched`), the whole
+    gate and the mixing (`models.moe`), hence the logits and every loss.
     """
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 

@@ -93,15 +93,6 @@ def _objective(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, tor
     return F.cross_entropy(logits, targets), logits, targets
 
 
-def _data_parallel(batch, world: distributed.World):
-    """A recipe's output, checked for data-parallel training: DDP syncs gradients of the
-    forward it runs, so a recipe that runs its own forward (an Objective) is refused there."""
-    if isinstance(batch, Objective) and world.size > 1:
-        raise ValueError("data-parallel training needs a recipe that returns (inputs, targets); "
-                         "this one computes its own objective")
-    return batch
-
-
 def _optimizer(model: nn.Module, phases: Sequence[Phase], cfg: TrainConfig) -> torch.optim.SGD:
     """One SGD whose parameter group k belongs to phase k (SGD skips parameters without grad)."""
     groups = [{"params": list(ph.params(model)), "lr": ph.lr or cfg.lr} for ph in phases]
@@ -135,14 +126,20 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
     if world.size > 1:  # under torchrun: every rank builds the global batch and trains on a shard
         if cfg.batch_size % world.size:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {world.size} processes")
-        trained = torch.nn.parallel.DistributedDataParallel(
-            distributed.sync_batchnorm(model), device_ids=[device.index] if device.type == "cuda" else None)
+        distributed.require_shardable([ph.recipe for ph in phases], world)
+        gpu = None if device.type != "cuda" else [
+            device.index if device.index is not None else torch.cuda.current_device()]
+        trained = torch.nn.parallel.DistributedDataParallel(distributed.sync_batchnorm(model),
+                                                            device_ids=gpu)
     opt = _optimizer(model, phases, cfg)
     steps_per_epoch = len(batch_indices(len(x_train), cfg.batch_size, shuffle=False, drop_last=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
     config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
     history: list[dict[str, float]] = []
     start = _resume(resume_path, config, model, opt, sched, rng, history)
+    if not distributed.same_on_all_ranks(start, world, device):
+        raise TrainingError(f"{desc}: the processes resume at different epochs; {resume_path} "
+                            "must be on a file system every rank sees")
     progress = progress and world.main
 
     for epoch in range(start, cfg.epochs):
@@ -161,7 +158,7 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
             for k, phase in enumerate(phases):
                 with autocast(cfg.precision, device):  # crafting and forward; backward outside
                     # recipes craft through the plain model: attacks need no gradient sync
-                    out = _objective(trained, _data_parallel(phase.recipe(model, x, y, cfg, rng), world))
+                    out = _objective(trained, phase.recipe(model, x, y, cfg, rng))
                 # one sync per step (over all ranks): a NaN must stop every rank before the update
                 if world.sum(torch.isfinite(out[0]).float()) < world.size:
                     raise TrainingError(f"{desc}: non-finite loss at epoch {epoch + 1}, step {step + 1}; "

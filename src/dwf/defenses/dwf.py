@@ -18,6 +18,7 @@ from dwf.train import Recipe, crafting, fit
 # ---------------------------------------------------------------- recipes (one batch each)
 
 
+@distributed.shardable  # per example, per-batch draws only
 def benign_batch(model, x, y, cfg: TrainConfig, rng):
     """Benign expert: clean images."""
     return x, y
@@ -37,16 +38,19 @@ def _pgd_view(model, x, y, cfg: TrainConfig, rng):
                            random_start=False, graph=True)  # CUDA: one capture, every batch
 
 
+@distributed.shardable  # per example, per-batch draws only
 def fgsm_batch(model, x, y, cfg: TrainConfig, rng):
     """FGSM expert (Alg. 1): trained on FGSM images only."""
     return _fgsm_view(model, x, y, cfg, rng), y
 
 
+@distributed.shardable  # per example, per-batch draws only
 def pgd_batch(model, x, y, cfg: TrainConfig, rng):
     """PGD expert (Alg. 2): trained on PGD images only."""
     return _pgd_view(model, x, y, cfg, rng), y
 
 
+@distributed.shardable  # per example, per-batch draws only
 def joint_batch(model, x, y, cfg: TrainConfig, rng):
     """Alg. 3: [clean, FGSM, PGD] crafted through the whole mixture, labels repeated."""
     x_fgsm = _fgsm_view(model, x, y, cfg, rng)

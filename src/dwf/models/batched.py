@@ -101,7 +101,8 @@ def expert_logits(experts: Sequence[ResNet18], x: torch.Tensor) -> torch.Tensor:
     feats = out.mean(dim=(2, 3)).view(len(x), n_exp, -1)  # (N, E, F), mean as in ResNet18.features
     weight = torch.stack([f.linear.weight for f in experts])  # (E, C, F)
     bias = torch.stack([f.linear.bias for f in experts])  # (E, C)
-    return (torch.einsum("nef,ecf->nec", feats, weight) + bias).float()  # (N, E, C)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 logits, as ResNet18.forward
+        return torch.einsum("nef,ecf->nec", feats.float(), weight) + bias  # (N, E, C)
 
 
 def _bn_settings(m: nn.BatchNorm2d) -> tuple:

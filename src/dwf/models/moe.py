@@ -30,7 +30,10 @@ class Router(nn.Module):
         self.scores = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.scores(x).float(), dim=-1)  # (N, E), rows sum to 1, fp32
+        # fp32 under bf16 autocast too: cheap, and its first layer on the image is a second
+        # path of the attacks' input gradient (besides the experts' stems)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.softmax(self.scores(x.float()), dim=-1)  # (N, E), rows sum to 1
 
 
 # Where the grouped-convolution path is faster than the expert loop, by device type
@@ -81,6 +84,10 @@ class SoftMoE(nn.Module):
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights w(x), shape (N, E)."""
         return self.router(self.normalize(x))
+
+    def capture_key(self, x: torch.Tensor) -> bool:
+        """What a CUDA graph of this model depends on beyond its storage: the path x takes."""
+        return bool(self.batched and batch_here(x))
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's logits f_i(x), shape (N, E, C)."""

@@ -83,4 +83,6 @@ class ResNet18(nn.Module):
         return out.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x)).float()  # (N, C) logits, fp32 under autocast too
+        feats = self.features(x)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits under bf16 autocast
+            return self.linear(feats.float())  # (N, C)
