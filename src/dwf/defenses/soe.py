@@ -37,7 +37,8 @@ def soe_loss(model: SoE, x: torch.Tensor, y: torch.Tensor, confidence_weight: fl
     confidence = torch.where(right, confidence.detach(), confidence)
     r = confidence * torch.sigmoid(aux)
     p_true = (p * F.one_hot(y, p.shape[-1])[:, None, :]).sum(-1).detach()  # (N, M)
-    head_loss = F.binary_cross_entropy(r, p_true)
+    with torch.autocast(x.device.type, enabled=False):  # CUDA autocast refuses BCE; r is fp32
+        head_loss = F.binary_cross_entropy(r, p_true)
     ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]),
                          reduction="none").view_as(r)  # (N, M)
     w = r.detach().softmax(1)  # soft assignment by predicted confidence

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dwf.models.resnet import BasicBlock, Normalize
+from dwf.models.resnet import BasicBlock, Normalize, head, stem
 
 
 def straight_through_gate(scores: torch.Tensor) -> torch.Tensor:
@@ -122,10 +122,10 @@ class ADVMoEResNet18(nn.Module):
 
     def routed(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) of images x in [0, 1] through the experts `gate` (N, E) selects."""
-        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = F.relu(self.bn1(stem(self.conv1, self.normalize, x)))  # fp32 stem under bf16
         for block in self.blocks:
             out = block(out, gate)
-        return self.linear(out.mean(dim=(2, 3)))
+        return head(self.linear, out.mean(dim=(2, 3)))  # fp32 logits
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with every sample forced through expert e, for each e: (N, E, C)."""

@@ -30,6 +30,12 @@ def stem(conv: nn.Conv2d, normalize: Normalize, x: torch.Tensor) -> torch.Tensor
         return conv(normalize(x.float()))
 
 
+def head(linear: nn.Linear, feats: torch.Tensor) -> torch.Tensor:
+    """linear(feats) in fp32 even under bf16 autocast: logits (and every loss on them) exact."""
+    with torch.autocast(feats.device.type, enabled=False):
+        return linear(feats.float())
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual; a 1x1 projection when the shape changes."""
 
@@ -83,6 +89,4 @@ class ResNet18(nn.Module):
         return out.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 logits under bf16 autocast
-            return self.linear(feats.float())  # (N, C)
+        return head(self.linear, self.features(x))  # (N, C) logits

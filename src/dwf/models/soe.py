@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dwf.models import resnet
 from dwf.models.resnet import ResNet18
 
 
@@ -36,10 +37,10 @@ class SoE(nn.Module):
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sub-model's class logits (N, M, C) and confidence logits (N, M)."""
         logits, aux = [], []
-        for net, head in zip(self.submodels, self.confidence):
+        for net, conf in zip(self.submodels, self.confidence):
             h = net.features(x)  # (N, 8w), shared by both heads
-            logits.append(net.linear(h))
-            aux.append(head(h).squeeze(1))
+            logits.append(resnet.head(net.linear, h))  # fp32 under bf16 autocast, as ResNet18
+            aux.append(resnet.head(conf, h).squeeze(1))
         return torch.stack(logits, 1), torch.stack(aux, 1)
 
     @staticmethod
