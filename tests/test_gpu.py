@@ -35,11 +35,11 @@ def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path, precisi
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_batched_mixture_matches_the_expert_loop_on_cuda(monkeypatch):
+def test_batched_mixture_matches_the_expert_loop_on_cuda():
     configure_determinism()
-    monkeypatch.setitem(moe_module.BATCHING, "cuda", "always")  # NCHW on CUDA defaults to the loop
     torch.manual_seed(0)
     moe = models.build("softmoe", n_experts=3, expert=digits_arch(8), router_hidden=(32,)).to(CUDA).eval()
+    moe.batching = {"cuda": "always"}  # NCHW on CUDA defaults to the loop
     x = torch.rand(16, 3, 32, 32, device=CUDA)
     y = torch.randint(0, 10, (16,), device=CUDA)
     fast = moe(x)

@@ -17,7 +17,6 @@ memory format. Images/s counts clean images per view. FLOPs are counted analytic
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -222,19 +221,6 @@ def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
 # ---------------------------------------------------------------- the run
 
 
-@contextlib.contextmanager
-def _batching(device: torch.device, batched: bool | None):
-    """Override, for one run, where the mixture batches its experts (moe.BATCHING)."""
-    saved = dict(moe.BATCHING)
-    if batched is not None:
-        moe.BATCHING[device.type] = "always" if batched else "never"
-    try:
-        yield
-    finally:
-        moe.BATCHING.clear()
-        moe.BATCHING.update(saved)
-
-
 def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]:
     """Benchmark both paths; returns the dict written to metrics/bench.json."""
     torch.manual_seed(seed)
@@ -249,18 +235,19 @@ def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]
     for path in ("reference", "optimized") if cfg.reference else ("optimized",):
         optimized = path == "optimized"
         model.batched = optimized
+        if optimized and cfg.batched is not None:  # this run's override of the device policy
+            model.batching = {**moe.BATCHING, device.type: "always" if cfg.batched else "never"}
         if optimized and cfg.channels_last:
             model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        with _batching(device, cfg.batched if optimized else None):
-            for name, fn in _steps(model, opt, x, y, cfg, optimized).items():
-                times = _timed(fn, device, cfg.repeats)
-                images = cfg.batch * (cfg.pgd_steps if "pgd" in name else 1)  # pgd: per iteration
-                best = min(times)
-                per_forward = expert_flop if name.startswith("expert") else flop
-                steps.setdefault(name, {})[path] = {
-                    "seconds": times, "images_per_s": images / best, "flop_per_s":
-                    images * forwards_per_image(name, cfg.pgd_steps) * per_forward / best}
+        for name, fn in _steps(model, opt, x, y, cfg, optimized).items():
+            times = _timed(fn, device, cfg.repeats)
+            images = cfg.batch * (cfg.pgd_steps if "pgd" in name else 1)  # pgd: per iteration
+            best = min(times)
+            per_forward = expert_flop if name.startswith("expert") else flop
+            steps.setdefault(name, {})[path] = {
+                "seconds": times, "images_per_s": images / best, "flop_per_s":
+                images * forwards_per_image(name, cfg.pgd_steps) * per_forward / best}
     for s in steps.values():
         if "reference" in s:
             s["speedup"] = s["optimized"]["images_per_s"] / s["reference"]["images_per_s"]

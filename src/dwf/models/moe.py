@@ -44,9 +44,9 @@ class Router(nn.Module):
 BATCHING = {"cpu": "always", "cuda": "channels_last"}
 
 
-def batch_here(x: torch.Tensor) -> bool:
-    """Whether the experts should run batched on input x (BATCHING)."""
-    mode = BATCHING.get(x.device.type, "never")
+def batch_here(x: torch.Tensor, batching: dict[str, str] = BATCHING) -> bool:
+    """Whether the experts should run batched on input x under a policy like BATCHING."""
+    mode = batching.get(x.device.type, "never")
     return mode == "always" or (mode == "channels_last"
                                 and x.is_contiguous(memory_format=torch.channels_last))
 
@@ -79,7 +79,8 @@ class SoftMoE(nn.Module):
         for s in input_shape:
             n_in *= s
         self.router = Router(n_in, len(self.experts), router_hidden)
-        self.batched = batched.batchable(self.experts)  # a plain attribute: not in checkpoints
+        self.batched = batched.batchable(self.experts)  # plain attributes: not in checkpoints
+        self.batching = BATCHING  # where to batch, by device (the shared default; bench overrides)
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights w(x), shape (N, E)."""
@@ -87,11 +88,11 @@ class SoftMoE(nn.Module):
 
     def capture_key(self, x: torch.Tensor) -> bool:
         """What a CUDA graph of this model depends on beyond its storage: the path x takes."""
-        return bool(self.batched and batch_here(x))
+        return bool(self.batched and batch_here(x, self.batching))
 
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's logits f_i(x), shape (N, E, C)."""
-        if self.batched and batch_here(x):
+        if self.capture_key(x):
             return batched.expert_logits(self.experts, x)
         return torch.stack([f(x) for f in self.experts], dim=1)
 
