@@ -14,7 +14,6 @@ graphs. Eval mode only: crafting in train mode (`attack_bn: train`) stays eager.
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 from typing import Callable
@@ -24,8 +23,9 @@ from torch import nn
 
 Iteration = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-# model -> {key: captured graph}; entries go with their model (a graph holds no reference to it)
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# model -> (its storage token, {key: captured graph}); entries go with their model (a graph
+# holds no reference to it)
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, dict]]" = weakref.WeakKeyDictionary()
 # torch captures one graph at a time per process; threads training side by side take turns
 _CAPTURE = threading.Lock()
 
@@ -79,14 +79,14 @@ def replay(model: nn.Module, iteration: Iteration, key: tuple, start: torch.Tens
         iteration: (x_adv, x, y) -> next x_adv; a pure function of its inputs and the model.
         key: what else the iteration depends on (budget, loss ...).
     """
-    if any(m.training for m in model.modules()):
+    if model.training:  # crafting switches the whole tree (train.crafting), so the root says
         raise ValueError("CUDA-graph PGD needs the model in eval mode")
-    graphs = _GRAPHS.setdefault(model, {})
-    # the storage the graphs read: a model moved or converted (.to) since makes them all stale
-    storage = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    if graphs.get("storage") != storage:
-        graphs.clear()
-        graphs["storage"] = storage
+    # the storage the graphs read: `.to()` moves every tensor, the first parameter included,
+    # and then every graph of this model is stale (a pointer per call, not one per tensor)
+    token = next(model.parameters()).data_ptr()
+    if model not in _GRAPHS or _GRAPHS[model][0] != token:
+        _GRAPHS[model] = (token, {})
+    graphs = _GRAPHS[model][1]
     route = model.capture_key(x) if hasattr(model, "capture_key") else None  # e.g. grouped or loop
     full = (key, tuple(x.shape), x.dtype, x.stride(), tuple(y.shape), y.dtype, x.device,
             _autocast_dtype(), route)
