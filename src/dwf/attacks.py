@@ -58,7 +58,8 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
     return grad, loss.detach()
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the L-inf eps-ball around x, then into [0, 1] (the threat model, every step)."""
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
@@ -76,7 +77,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     """
     _check_budget(eps)
     grad, _ = _input_grad(model, x, y, LOSSES[loss])
-    return _project(x + eps * grad.sign(), x, eps).detach()
+    return project(x + eps * grad.sign(), x, eps).detach()
 
 
 def _pgd_start(x: torch.Tensor, eps: float, random_start: bool, generator: torch.Generator | None
@@ -85,14 +86,14 @@ def _pgd_start(x: torch.Tensor, eps: float, random_start: bool, generator: torch
     if not (random_start and eps > 0):
         return x.detach().clone()
     noise = torch.rand(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
-    return _project(x + (2 * noise - 1) * eps, x, eps)
+    return project(x + (2 * noise - 1) * eps, x, eps)
 
 
 def _pgd_step(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float,
               alpha: float, loss_fn: Loss) -> torch.Tensor:
     """One PGD iteration (paper eqs. 4-5): signed gradient step, projection, [0, 1] clamp."""
     grad, _ = _input_grad(model, x_adv, y, loss_fn)
-    return _project(x_adv + alpha * grad.sign(), x, eps)
+    return project(x_adv + alpha * grad.sign(), x, eps)
 
 
 def _pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,

@@ -67,3 +67,8 @@ def derive_seed(base: int, *keys: int | str) -> int:
 def choice(options, generator: torch.Generator):
     """One element of `options`, drawn uniformly with a torch generator (so it is checkpointed)."""
     return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+
+def draw_seed(rng: torch.Generator) -> int:
+    """A seed for an attack's random start, drawn from the (checkpointed) training generator."""
+    return int(torch.randint(2**31 - 1, (1,), generator=rng))

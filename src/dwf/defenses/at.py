@@ -14,17 +14,12 @@ from torch import nn
 from dwf import attacks
 from dwf.config import AdvTrainConfig
 from dwf.defenses.dwf import benign_batch
-from dwf.runtime import choice
+from dwf.runtime import choice, draw_seed
 from dwf.train import crafting
 
-__all__ = ["benign_batch", "draw_seed", "fgsm_at_batch", "pgd_at_batch"]
+__all__ = ["benign_batch", "fgsm_at_batch", "pgd_at_batch"]
 
 Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def draw_seed(rng: torch.Generator) -> int:
-    """A seed for an attack's random start, drawn from the (checkpointed) training generator."""
-    return int(torch.randint(2**31 - 1, (1,), generator=rng))
 
 
 def _partly_attacked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdvTrainConfig,

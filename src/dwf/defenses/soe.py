@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from dwf import attacks
 from dwf.config import SoEConfig
-from dwf.defenses.at import draw_seed
 from dwf.models.soe import SoE
-from dwf.runtime import choice
+from dwf.runtime import choice, draw_seed
 from dwf.train import Objective, crafting
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwf import attacks
 from dwf.config import TradesConfig
 from dwf.runtime import choice
 from dwf.train import Objective, crafting
@@ -34,19 +35,15 @@ def kl_adversary(heads: Heads, x: torch.Tensor, *, eps: float, alpha: float, ste
     with torch.no_grad():
         targets = [h.softmax(1) for h in heads(x)]
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-    x_adv = _project(x + start_std * noise, x, eps)
+    x_adv = attacks.project(x + start_std * noise, x, eps)
     for _ in range(steps):
         with torch.enable_grad():
             x_adv.requires_grad_(True)
             loss = sum(F.kl_div(h.log_softmax(1), p, reduction="sum")
                        for h, p in zip(heads(x_adv), targets))
             (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+        x_adv = attacks.project(x_adv.detach() + alpha * grad.sign(), x, eps)
     return x_adv
-
-
-def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
 
 def trades_objective(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
