@@ -25,7 +25,8 @@ SQUARE_SLACK = 0.2                 # points: AutoAttack's check_square_sr thresh
 NONZERO_GRADS = 0.99               # fraction of examples with a non-zero input gradient
 
 
-def _acc(flags: torch.Tensor) -> float:
+def accuracy(flags: torch.Tensor) -> float:
+    """Percent of True in per-example correctness flags (4 decimals, as the metrics files)."""
     return round(100.0 * flags.float().mean().item(), 4)
 
 
@@ -103,27 +104,27 @@ def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_ste
     base, doubled = by_iter[iters[-2]], by_iter[iters[-1]]
     checks = {
         "eps0_equals_clean": _check(torch.equal(sweep[0.0], clean),
-                                    {"clean": _acc(clean), "eps0": _acc(sweep[0.0]),
+                                    {"clean": accuracy(clean), "eps0": accuracy(sweep[0.0]),
                                      "differing": int((sweep[0.0] != clean).sum())}),
         "iterative_beats_single_step": _check(
             100.0 * (~fgsm & sweep[1.0]).float().mean().item() <= _noise(n)
-            and _acc(sweep[1.0]) <= _acc(fgsm),
-            {"fgsm": _acc(fgsm), f"pgd{k}": _acc(sweep[1.0]),
-             "fgsm_only_fooled_pct": _acc(~fgsm & sweep[1.0])}),
-        "monotone_eps": _check(_monotone([_acc(f) for f in sweep.values()], n),
-                               [[round(min(1.0, f * eps), 6), _acc(v)] for f, v in sweep.items()]),
-        "monotone_iterations": _check(_monotone([_acc(v) for v in by_iter.values()], n),
-                                      [[s, r, _acc(v)] for (s, r), v in by_iter.items()]),
-        "large_eps_zero": _check(_acc(large) <= NEAR_ZERO, {"eps": LARGE_EPS, "acc": _acc(large)}),
-        "converged": _check(abs(_acc(base) - _acc(doubled)) < CONVERGED,
-                            {f"pgd{iters[-2][0]}x{iters[-2][1]}": _acc(base),
-                             f"pgd{iters[-1][0]}x{iters[-1][1]}": _acc(doubled)}),
+            and accuracy(sweep[1.0]) <= accuracy(fgsm),
+            {"fgsm": accuracy(fgsm), f"pgd{k}": accuracy(sweep[1.0]),
+             "fgsm_only_fooled_pct": accuracy(~fgsm & sweep[1.0])}),
+        "monotone_eps": _check(_monotone([accuracy(f) for f in sweep.values()], n),
+                               [[round(min(1.0, f * eps), 6), accuracy(v)] for f, v in sweep.items()]),
+        "monotone_iterations": _check(_monotone([accuracy(v) for v in by_iter.values()], n),
+                                      [[s, r, accuracy(v)] for (s, r), v in by_iter.items()]),
+        "large_eps_zero": _check(accuracy(large) <= NEAR_ZERO, {"eps": LARGE_EPS, "acc": accuracy(large)}),
+        "converged": _check(abs(accuracy(base) - accuracy(doubled)) < CONVERGED,
+                            {f"pgd{iters[-2][0]}x{iters[-2][1]}": accuracy(base),
+                             f"pgd{iters[-1][0]}x{iters[-1][1]}": accuracy(doubled)}),
     }
     if square is not None:
         sq = aud.correct(lambda m, x, y: square(m, x, y, eps=eps), eps, only=best_white)
-        gain = _acc(~sq)  # run only where white-box failed: what Square alone fools
+        gain = accuracy(~sq)  # run only where white-box failed: what Square alone fools
         checks["square_vs_whitebox"] = _check(gain <= SQUARE_SLACK, {
-            "whitebox_worst_case": _acc(best_white), "then_square": _acc(best_white & sq),
+            "whitebox_worst_case": accuracy(best_white), "then_square": accuracy(best_white & sq),
             "square_only_pct": gain})
     checks["in_ball"] = _check(aud.max_excess <= 1e-6, {"max_excess": aud.max_excess})
     return checks
@@ -240,10 +241,10 @@ def worst_case_check(metrics: dict[str, Any], flags: dict[str, torch.Tensor]) ->
     worst = torch.ones(n, dtype=torch.bool)
     for f in flags.values():
         worst[:len(f)] &= f
-    lowest = min(_acc(f) for f in flags.values() if len(f) == n)
+    lowest = min(accuracy(f) for f in flags.values() if len(f) == n)
     reported = metrics.get("worst_case")
-    return _check(reported is not None and abs(reported - _acc(worst)) < 1e-3 and reported <= lowest,
-                  {"reported": reported, "recomputed": _acc(worst), "lowest_single_attack": lowest,
+    return _check(reported is not None and abs(reported - accuracy(worst)) < 1e-3 and reported <= lowest,
+                  {"reported": reported, "recomputed": accuracy(worst), "lowest_single_attack": lowest,
                    "n_attacks": len(flags)})
 
 

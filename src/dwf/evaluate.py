@@ -235,7 +235,7 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     if cfg.autoattack:
         metrics["autoattack"]["n_examples"] = n_aa
         sub = {k: v[:n_aa] for k, v in threat.items()}
-        metrics["autoattack"]["worst_case_all_attacks"] = audit._acc(worst_case(sub))
+        metrics["autoattack"]["worst_case_all_attacks"] = audit.accuracy(worst_case(sub))
     usage = gate_usage(model, x_u8, device, cfg.batch_size)
     if usage is not None:
         metrics["gate_mean_weight"] = usage
