@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 # the embedded default: the same dvc.yaml on scikit-learn's digits, one run, DWF and its
-# benign expert; demo-all: two runs (mean ± std) and every baseline of Tables 2-3 (~40 min)
+# benign expert; demo-all: two runs (mean ± std) and every baseline of Tables 2-3 (not timed; several times the demo)
 DEMO_SWITCH := -S 'datasets=[digits]' -S 'runs=[0]'
 DEMO_MODELS := -S 'baselines=[]' -S 'evaluate_models=[dwf,experts/benign]'
 
