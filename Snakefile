@@ -4,7 +4,21 @@
 #   snakemake --config joint_gpus=4 ...            # joint training over 4 GPUs (torchrun, DDP)
 # Outputs land at the paths dvc.yaml declares; record them with `dvc commit` (README).
 
+import sys
+
+import yaml
+
 configfile: "params.yaml"
+
+# The dwf commands read params.yaml, not Snakemake's config: a --config (or --configfile) value
+# that differs from the file would change this job graph but not what the jobs compute.
+# Refused in one line; joint_gpus, how a job is launched, is the only Snakemake setting.
+with open("params.yaml") as f:
+    _PARAMS = yaml.safe_load(f)
+_DIFFERS = sorted(k for k in config if k != "joint_gpus" and config[k] != _PARAMS.get(k))
+if _DIFFERS:
+    sys.exit(f"error: --config {', '.join(map(str, _DIFFERS))}: the dwf commands read params.yaml; "
+             "change it there (only joint_gpus may be set with --config)")
 
 
 # The image the README builds from ./Dockerfile; used with --software-deployment-method apptainer.
@@ -33,18 +47,21 @@ rule all:
         "metrics/summary.json",
 
 
+# A directory() output gets Snakemake's .snakemake_timestamp inside, and data/{dataset} and
+# reports/ are DVC outputs: each rule declares the file written last instead (the manifest
+# says a dataset is complete; reports/ is written before metrics/summary.json).
 rule download:
     output:
-        directory("data/{dataset}"),
+        "data/{dataset}/manifest.json",
     log:
         "logs/download/{dataset}.log",
     shell:
-        "dwf download --dataset {wildcards.dataset} > {log} 2>&1"
+        "dwf download --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule expert:
     input:
-        "data/{dataset}",
+        "data/{dataset}/manifest.json",
     output:
         "models/{dataset}/run{run}/experts/{expert}.pt",
         "metrics/runs/{dataset}/run{run}/train/{expert}.json",
@@ -53,13 +70,13 @@ rule expert:
     resources:
         gpu=1,
     shell:
-        "dwf train-expert --dataset {wildcards.dataset} --run {wildcards.run}"
-        " --expert {wildcards.expert} --quiet > {log} 2>&1"
+        "dwf train-expert --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
+        " --expert {wildcards.expert:q} --quiet > {log:q} 2>&1"
 
 
 rule joint:
     input:
-        "data/{dataset}",
+        "data/{dataset}/manifest.json",
         expand("models/{{dataset}}/run{{run}}/experts/{expert}.pt", expert=EXPERTS),
     output:
         "models/{dataset}/run{run}/dwf.pt",
@@ -71,12 +88,13 @@ rule joint:
     params:
         launch=JOINT_LAUNCH,
     shell:
-        "{params.launch} train-joint --dataset {wildcards.dataset} --run {wildcards.run} --quiet > {log} 2>&1"
+        "{params.launch} train-joint --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
+        " --quiet > {log:q} 2>&1"
 
 
 rule baseline:
     input:
-        "data/{dataset}",
+        "data/{dataset}/manifest.json",
     output:
         "models/{dataset}/run{run}/{defense}.pt",
         "metrics/runs/{dataset}/run{run}/train/{defense}.json",
@@ -85,23 +103,26 @@ rule baseline:
     resources:
         gpu=1,
     shell:
-        "dwf train --defense {wildcards.defense} --dataset {wildcards.dataset}"
-        " --run {wildcards.run} --quiet > {log} 2>&1"
+        "dwf train --defense {wildcards.defense:q} --dataset {wildcards.dataset:q}"
+        " --run {wildcards.run:q} --quiet > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
-        "data/{dataset}",
+        "data/{dataset}/manifest.json",
         "models/{dataset}/run{run}/{model}.pt",
+        # the mixture transfers attacks from its pretrained experts (as in dvc.yaml)
+        expand("models/{{dataset}}/run{{run}}/experts/{expert}.pt", expert=EXPERTS),
     output:
         "metrics/runs/{dataset}/run{run}/eval/{model}.json",
+        "metrics/runs/{dataset}/run{run}/eval/{model}.details.json",
     log:
         "logs/evaluate/{dataset}/run{run}/{model}.log",
     resources:
         gpu=1,
     shell:
-        "dwf evaluate --dataset {wildcards.dataset} --run {wildcards.run}"
-        " --model {wildcards.model} --quiet > {log} 2>&1"
+        "dwf evaluate --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
+        " --model {wildcards.model:q} --quiet > {log:q} 2>&1"
 
 
 rule aggregate:
@@ -114,8 +135,7 @@ rule aggregate:
         ),
     output:
         "metrics/summary.json",
-        directory("reports"),
     log:
         "logs/aggregate.log",
     shell:
-        "dwf aggregate > {log} 2>&1"
+        "dwf aggregate > {log:q} 2>&1"

@@ -29,6 +29,8 @@ ATTACKS = {
                                                      restarts=2, seed=0),
     "pgd_margin": lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=2,
                                                    seed=0, loss="margin"),
+    "pgd_best": lambda m, x, y, eps: attacks.pgd(m, x, y, eps=eps, alpha=eps / 2, steps=3,
+                                                 restarts=2, seed=0, keep_best=True),
 }
 
 
@@ -159,3 +161,45 @@ def test_graph_replay_needs_eval_mode(small):
             cudagraphs.replay(model, lambda xa, x0, y0: xa, ("noop",), x, x, y, 1)
     finally:
         model.eval()
+
+
+class _Ridge(torch.nn.Module):
+    """Class 1 wins only on a narrow ridge of the mean pixel value (0.55 < v < 0.65): signed
+    steps of 0.08 from 0.5 land on it (0.58), overshoot it (0.66), land on it again ..."""
+
+    def forward(self, x):
+        v = x.flatten(1).mean(1)
+        ridge = 1 - 400 * (v - 0.6) ** 2
+        return torch.stack([torch.zeros_like(ridge), ridge], dim=1)
+
+
+def test_keep_best_keeps_an_iterate_that_crossed_and_left_the_boundary():
+    model, x, y = _Ridge(), torch.full((1, 1, 2, 2), 0.5), torch.zeros(1, dtype=torch.long)
+    kw = {"eps": 0.5, "alpha": 0.08, "steps": 2, "random_start": False}
+    last = attacks.pgd(model, x, y, **kw)
+    best = attacks.pgd(model, x, y, **kw, keep_best=True)
+    assert torch.allclose(last, torch.full_like(x, 0.66)) and model(last).argmax(1).item() == 0
+    assert torch.allclose(best, torch.full_like(x, 0.58)) and model(best).argmax(1).item() == 1
+    many = attacks.pgd_iterates(model, x, y, eps=0.5, alpha=0.08, steps=[1, 2, 3],
+                                random_start=False, keep_best=True)
+    assert all(model(v).argmax(1).item() == 1 for v in many.values())
+
+
+def test_keep_best_is_never_weaker_and_iterates_match_single_runs(trained_model, test_batch):
+    x, y = test_batch
+    kw = {"eps": EPS, "alpha": ALPHA, "seed": 3}
+    last = attacks.pgd(trained_model, x, y, steps=5, **kw)
+    best = attacks.pgd(trained_model, x, y, steps=5, keep_best=True, **kw)
+    wrong_last, _ = attacks.attack_score(trained_model, last, y)
+    wrong_best, _ = attacks.attack_score(trained_model, best, y)
+    assert (wrong_best | ~wrong_last).all()  # whatever the last iterate fools, the best fools
+    assert (best - x).abs().max() <= EPS + TOL and 0 <= best.min() and best.max() <= 1
+    many = attacks.pgd_iterates(trained_model, x, y, steps=[2, 5], keep_best=True, **kw)
+    for k, x_k in many.items():
+        assert torch.equal(x_k, attacks.pgd(trained_model, x, y, steps=k, keep_best=True, **kw))
+
+
+def test_keep_best_refuses_graph_replay(small):
+    model, x, y = small
+    with pytest.raises(ValueError, match="keep_best"):
+        attacks.pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=2, graph=True, keep_best=True)

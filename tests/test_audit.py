@@ -84,7 +84,7 @@ def test_every_check_passes_on_a_correct_evaluation(data):
     assert set(checks) >= {"eps0_equals_clean", "iterative_beats_single_step", "monotone_eps",
                            "monotone_iterations", "large_eps_zero", "converged", "square_vs_whitebox",
                            "in_ball", "gradients_nonzero", "deterministic", "outputs_are_logits",
-                           "attack_finds_known_adversarial"}
+                           "attack_finds_known_adversarial", "attack_finds_binarized_adversarial"}
 
 
 @pytest.mark.slow
@@ -181,3 +181,26 @@ def test_misreported_worst_case_is_caught():
     assert audit.worst_case_check({"worst_case": 25.0}, flags)["pass"]
     assert not audit.worst_case_check({"worst_case": 50.0}, flags)["pass"]  # min over attacks
     assert not audit.worst_case_check({"worst_case": 100 * 3 / 8}, flags)["pass"]  # mean of attacks
+
+
+def timid(model, x, y, *, alpha, **kw):
+    """PGD with a hundredth of the step size: it cannot travel far enough inside the ball."""
+    return attacks.pgd(model, x, y, alpha=alpha / 100, **kw)
+
+
+def test_binarization_test_passes_pgd_and_catches_a_weakened_attack(data):
+    model, x, y = data
+    ok = audit.binarization_check(model, attacks.pgd, x, CFG, seed=0)
+    assert ok["pass"], ok["value"]
+    assert ok["value"]["n_tests"] >= 0.8 * len(x)  # the readout separates nearly every image
+    weak = audit.binarization_check(model, timid, x, CFG, seed=0)
+    assert not weak["pass"] and weak["value"]["found"] < 0.5, weak["value"]
+
+
+def test_binarized_model_has_its_adversarial_inside_the_ball(data):
+    model, x, _ = data
+    probe, target, valid = audit.binarize(model, x, EPS, torch.Generator().manual_seed(0))
+    assert (target - x).abs().max() <= EPS + 1e-6 and 0 <= target.min() and target.max() <= 1
+    with torch.no_grad():
+        assert (probe(target).argmax(1)[valid] == 1).all()
+        assert (probe(x).argmax(1)[valid] == 0).all()

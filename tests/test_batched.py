@@ -17,12 +17,16 @@ from dwf.models import ResNet18, SoftMoE, batched
 
 N_EXPERTS, WIDTH, N = 3, 4, 6
 ATOL = 1e-5  # float32; grouped convolutions sum in another order than the loop's
+CIFAR, DIGITS = (3, 32, 32), (1, 8, 8)  # data.SHAPE: each dataset's own input shape
 
 
-def _mixture(seed: int = 0) -> SoftMoE:
+def _mixture(seed: int = 0, shape: tuple[int, int, int] = CIFAR) -> SoftMoE:
     torch.manual_seed(seed)
-    arch = {"num_classes": 10, "width": WIDTH, "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3)}
-    moe = models.build("softmoe", n_experts=N_EXPERTS, expert=arch, router_hidden=(16,))
+    c = shape[0]
+    arch = {"num_classes": 10, "width": WIDTH, "mean": (0.4, 0.5, 0.6)[:c],
+            "std": (0.2, 0.25, 0.3)[:c], "in_channels": c}
+    moe = models.build("softmoe", n_experts=N_EXPERTS, expert=arch, router_hidden=(16,),
+                       input_shape=shape)
     with torch.no_grad():  # non-trivial BatchNorm affine parameters and running statistics
         for m in moe.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -31,27 +35,28 @@ def _mixture(seed: int = 0) -> SoftMoE:
     return moe
 
 
-def _pair(train: bool) -> tuple[SoftMoE, SoftMoE]:
-    fast = _mixture().train(train)
+def _pair(train: bool, shape: tuple[int, int, int] = CIFAR) -> tuple[SoftMoE, SoftMoE]:
+    fast = _mixture(shape=shape).train(train)
     ref = copy.deepcopy(fast)
     ref.batched = False
     assert fast.batched, "homogeneous ResNet18 experts must take the batched path"
     return fast, ref
 
 
-def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(seed: int = 1, shape: tuple[int, int, int] = CIFAR) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(N, 3, 32, 32, generator=g), torch.randint(0, 10, (N,), generator=g)
+    return torch.rand(N, *shape, generator=g), torch.randint(0, 10, (N,), generator=g)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [CIFAR, DIGITS])
 @pytest.mark.parametrize("train", [False, True])
-def test_outputs_and_input_gradients_match_loop(train):
-    fast, ref = _pair(train)
-    x, y = _inputs()
+def test_outputs_and_input_gradients_match_loop(train, shape):
+    fast, ref = _pair(train, shape)
+    x, y = _inputs(shape=shape)
     grads = []
     for model in (fast, ref):
         xx = x.clone().requires_grad_(True)
@@ -85,9 +90,10 @@ def test_eval_mode_leaves_running_statistics():
         assert torch.equal(buf, before[name]), name
 
 
-def test_one_sgd_step_matches_loop():
-    fast, ref = _pair(train=True)
-    x, y = _inputs()
+@pytest.mark.parametrize("shape", [CIFAR, DIGITS])
+def test_one_sgd_step_matches_loop(shape):
+    fast, ref = _pair(train=True, shape=shape)
+    x, y = _inputs(shape=shape)
     for model in (fast, ref):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for _ in range(2):  # the second step uses the momentum buffer
@@ -97,7 +103,8 @@ def test_one_sgd_step_matches_loop():
     ref_params = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
         _close(p, ref_params[name])
-    moved = fast.experts[1].layer3[0].conv1.weight - _mixture().experts[1].layer3[0].conv1.weight
+    moved = (fast.experts[1].layer3[0].conv1.weight
+             - _mixture(shape=shape).experts[1].layer3[0].conv1.weight)
     assert moved.abs().max() > 0
 
 

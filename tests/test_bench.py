@@ -13,8 +13,8 @@ from dwf.cli import app
 from dwf.models import ResNet18
 
 
-def _counted_macs(model: nn.Module) -> int:
-    """MACs of one forward on a 32x32 image, counted from the layers' actual output shapes."""
+def _counted_macs(model: nn.Module, shape: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """MACs of one forward on one image, counted from the layers' actual output shapes."""
     total = 0
 
     def hook(m, _, out):
@@ -25,7 +25,7 @@ def _counted_macs(model: nn.Module) -> int:
             total += m.in_features * m.out_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
-    model.eval()(torch.rand(1, 3, 32, 32))
+    model.eval()(torch.rand(1, *shape))
     for h in handles:
         h.remove()
     return total
@@ -34,6 +34,10 @@ def _counted_macs(model: nn.Module) -> int:
 def test_analytic_macs_match_the_network():
     for width in (4, 16):
         assert bench.resnet18_macs(width) == _counted_macs(ResNet18(width=width))
+        # digits at their own shape (8x8 -> 1x1 in stage 4), and an odd size (7 -> 4 -> 2 -> 1)
+        for shape in ((1, 8, 8), (1, 7, 7)):
+            net = ResNet18(width=width, mean=(0.5,), std=(0.5,), in_channels=1)
+            assert bench.resnet18_macs(width, 10, shape) == _counted_macs(net, shape)
     # the issue's figure: CIFAR ResNet-18 forward ~ 1.11 GFLOP per image
     assert abs(2 * bench.resnet18_macs(64) / 1e9 - 1.11) < 0.01
 
@@ -51,3 +55,21 @@ def test_cli_bench_tiny_run_writes_every_step(tmp_path):
             assert 0 < step[path]["fraction_of_matmul"] and step[path]["images_per_s"] > 0
     assert result["config"]["width"] == 2 and result["projected_hours"]["optimized"] > 0
     assert "| pgd |" in res.output
+
+
+def test_mixture_flop_counts_the_gate_on_the_input_shape():
+    """The router's first layer reads C x H x W values: 64 for native digits, 3072 for CIFAR."""
+    digits = bench.BenchConfig(width=4, n_experts=2, router_hidden=(8,), input_shape=(1, 8, 8))
+    experts = 2 * bench.resnet18_macs(4, 10, (1, 8, 8))
+    assert bench.mixture_flop(digits) == 2.0 * (experts + 64 * 8 + 8 * 2)
+    cifar = bench.BenchConfig(width=4, n_experts=2, router_hidden=(8,))
+    assert bench.mixture_flop(cifar) == 2.0 * (2 * bench.resnet18_macs(4) + 3072 * 8 + 8 * 2)
+
+
+def test_bench_runs_the_mixture_at_the_digits_shape(monkeypatch):
+    monkeypatch.setattr(bench, "matmul_rate", lambda *a, **k: 1e12)  # the peak: not tested here
+    cfg = bench.BenchConfig(width=2, batch=4, pgd_steps=1, repeats=1, n_experts=2,
+                            router_hidden=(8,), input_shape=(1, 8, 8), reference=False)
+    result = bench.run(torch.device("cpu"), cfg)
+    assert result["mixture_gflop_per_image"] == bench.mixture_flop(cfg) / 1e9
+    assert all(s["optimized"]["images_per_s"] > 0 for s in result["steps"].values())

@@ -1,17 +1,24 @@
-"""The CLI end to end on a shrunken digits config, and its one-line, exit-code-2 input errors."""
+"""The CLI end to end on a shrunken digits config, where ad-hoc commands write (never over the
+pipeline's outputs or their own inputs), and its one-line, exit-code-2 input errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dwf import paths
 from dwf.checkpoint import load_model
 from dwf.cli import app
+from dwf.metricsfile import details_path, read
+
+from conftest import _tiny_section
 
 
 def dwf(*args: str):
@@ -31,43 +38,166 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_stage_end_to_end(workdir, tiny_params):
-    p = ["--params", str(tiny_params), "--dataset", "digits", "--quiet"]
-    _ok(dwf("download", "--params", str(tiny_params), "--quiet"))
-    for expert in ("benign", "pgd_0"):
-        assert "wrote" in _ok(dwf("train-expert", "--expert", expert, *p)).stdout
-    _ok(dwf("train-joint", *p))
-    models = sorted(f.name for f in (workdir / "models").rglob("*.pt"))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_root) -> Path:
+    """A project after the training stages (experts benign and pgd_0, the mixture): built once
+    per module by the CLI, as `dvc repro` runs it; tests work on copies (`project`)."""
+    root = tmp_path_factory.mktemp("trained")
+    raw = {"seed": 0, "runs": [0], "datasets": ["digits"], "data_root": str(digits_root),
+           "experts": ["benign", "pgd_0"], "digits": _tiny_section()}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        p = ["--params", "params.yaml", "--dataset", "digits", "--quiet"]
+        _ok(dwf("download", "--params", "params.yaml", "--quiet"))
+        for expert in ("benign", "pgd_0"):
+            assert "wrote" in _ok(dwf("train-expert", "--expert", expert, *p)).stdout
+        _ok(dwf("train-joint", *p))
+    return root
+
+
+@pytest.fixture
+def project(trained, tmp_path, monkeypatch) -> Path:
+    """A copy of the trained project, as the working directory."""
+    root = shutil.copytree(trained, tmp_path / "project")
+    monkeypatch.chdir(root)
+    return root
+
+
+P = ["--params", "params.yaml", "--dataset", "digits", "--quiet"]
+
+
+def test_every_stage_end_to_end(project):
+    models = sorted(f.name for f in (project / "models").rglob("*.pt"))
     assert models == ["benign.pt", "dwf.pt", "pgd_0.pt"]
     assert len(load_model(paths.model("digits", 0, "dwf")).experts) == 2
 
-    _ok(dwf("evaluate", "--model", "dwf", *p))  # default paths, as dvc.yaml runs it
+    _ok(dwf("evaluate", "--model", "dwf", *P))  # default paths, as dvc.yaml runs it
     out = paths.evaluation("digits", 0, "dwf")
-    metrics = json.loads(out.read_text())
+    headline = json.loads(out.read_text())  # what dvc.yaml declares as metrics: flat numbers
+    assert all(type(v) in (int, float) for v in headline.values()), headline
+    assert {"n_examples", "clean", "fgsm", "pgd", "strong", "worst_case"} <= set(headline)
+    metrics = read(out)  # with the details beside it
     assert metrics["n_examples"] == 40
     assert set(metrics["pgd"]) == {"2", "3"} and len(metrics["fgsm"]) == 2
     attacked = [v for g in ("fgsm", "pgd") for v in metrics[g].values()]
     attacked += [metrics["pgd3_ms"], metrics["pgd3_adaptive"]]
     assert metrics["worst_case"] <= min(attacked) <= max(attacked) <= 100
+    assert headline["pgd"] <= min(metrics["pgd"].values())
     assert len(metrics["gate_mean_weight"]) == 2
     assert len(metrics["per_example"]["worst_case_correct"]) == 40
 
     table = _ok(dwf("table", str(out))).stdout
     assert "dwf" in table and "|" in table
-    _ok(dwf("aggregate", "--params", str(tiny_params)))
-    assert json.loads((workdir / "metrics/summary.json").read_text())
-    assert any((workdir / "reports").iterdir())
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    assert json.loads((project / "metrics/summary.json").read_text())
+    assert any((project / "reports").iterdir())
 
 
-def test_evaluate_an_expert_by_checkpoint(workdir, tiny_params):
+# ---------------------------------------------------------------- where ad-hoc commands write
+
+
+def test_adhoc_training_and_evaluation_write_beside_their_files(workdir, tiny_params):
     p = ["--params", str(tiny_params), "--dataset", "digits", "--quiet"]
+    pipeline = [paths.history("digits", 0, "benign"), paths.evaluation("digits", 0, "dwf")]
+    for f in pipeline:  # the pipeline's own outputs, which no ad-hoc command may touch
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("pipeline's")
     ckpt = workdir / "e.pt"
     _ok(dwf("train-expert", "--expert", "benign", "--out", str(ckpt), *p))
-    out = workdir / "e.json"
-    _ok(dwf("evaluate", "--checkpoint", str(ckpt), "--out", str(out), *p,
-            "--set", "evaluate.n_examples=20"))
-    metrics = json.loads(out.read_text())
+    assert json.loads((workdir / "e.history.json").read_text())[0]["epoch"] == 1
+    _ok(dwf("evaluate", "--checkpoint", str(ckpt), *p, "--set", "evaluate.n_examples=20"))
+    metrics = read(workdir / "e.eval.json")
     assert metrics["n_examples"] == 20 and "gate_mean_weight" not in metrics
+    assert all(f.read_text() == "pipeline's" for f in pipeline)
+
+
+def _fake_training(monkeypatch, seen: list):
+    """Replace every trainer by one that records its first argument and returns a curve."""
+    from dwf import defenses
+    from dwf.defenses import dwf as mixture
+
+    def fake(*args, **kwargs):
+        seen.append(args[0])  # the joint stage's: its expert checkpoints
+        return [{"epoch": 1, "loss": 1.0, "seconds": 0.5}]
+
+    for module, name in ((mixture, "train_expert"), (mixture, "train_joint"),
+                         (defenses, "train_defense")):
+        monkeypatch.setattr(module, name, fake)
+
+
+TRAIN = {"train-expert": ["--expert", "benign"], "train-joint": [], "train": ["--defense", "resnet18"]}
+
+
+@pytest.mark.parametrize("command", TRAIN)
+def test_training_with_out_writes_its_curve_beside_it(project, monkeypatch, command):
+    seen = []
+    _fake_training(monkeypatch, seen)
+    name = {"train-expert": "benign", "train-joint": "dwf", "train": "resnet18"}[command]
+    curve = paths.history("digits", 0, name)
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    curve.write_text("pipeline's")
+    _ok(dwf(command, *TRAIN[command], "--out", "x.pt", *P))
+    assert json.loads(Path("x.history.json").read_text()) == [{"epoch": 1, "loss": 1.0}]
+    assert curve.read_text() == "pipeline's"
+    if command == "train-joint":  # experts named so that any working directory finds them
+        assert all(e.is_absolute() for e in seen[-1])
+        _ok(dwf(command, *P))  # the pipeline's mixture: relative to its project root
+        assert seen[-1][0] == paths.expert("digits", 0, "benign")
+
+
+@pytest.mark.parametrize("command", TRAIN)
+@pytest.mark.parametrize("outputs, says", [
+    (["--history", "h.json"], "--history needs --out"),  # the pipeline's checkpoint, another curve
+    (["--out", "x.pt", "--history", "x.pt"], "two outputs"),
+    (["--out", "params.yaml"], "overwrite params.yaml"),  # an input
+    (["--out", "x.pt", "--history", "params.yaml"], "overwrite params.yaml"),
+])
+def test_training_outputs_that_clash_are_refused(project, monkeypatch, command, outputs, says):
+    _fake_training(monkeypatch, [])
+    _one_line_error(dwf(command, *TRAIN[command], *outputs, *P), says)
+    assert not Path("x.pt").exists() and yaml.safe_load(Path("params.yaml").read_text())["runs"] == [0]
+
+
+def test_joint_training_out_over_an_expert_is_refused(project, monkeypatch):
+    _fake_training(monkeypatch, [])
+    expert = str(paths.expert("digits", 0, "pgd_0"))
+    _one_line_error(dwf("train-joint", "--out", expert, *P), "pgd_0.pt")
+
+
+@pytest.mark.parametrize("victim", ["checkpoint", "surrogate", "params", "data", "weights"])
+def test_evaluate_out_equal_to_an_input_is_refused(project, digits_root, victim):
+    ckpt = str(paths.model("digits", 0, "dwf"))
+    inputs = {"checkpoint": ckpt, "surrogate": str(paths.expert("digits", 0, "benign")),
+              "params": "params.yaml", "data": str(digits_root / "digits"), "weights": "w.pth"}
+    Path("w.pth").write_bytes(b"weights")
+    before = {k: Path(v).stat().st_mtime_ns for k, v in inputs.items()}
+    given = (["--external", "resnet18", "--weights", "w.pth"] if victim == "weights"
+             else ["--checkpoint", ckpt, "--surrogate", inputs["surrogate"]])
+    _one_line_error(dwf("evaluate", *given, "--out", inputs[victim], *P), inputs[victim])
+    assert before == {k: Path(v).stat().st_mtime_ns for k, v in inputs.items()}
+
+
+# ---------------------------------------------------------------- transfer sources
+
+
+def test_transfer_sources_do_not_depend_on_the_working_directory(project, monkeypatch):
+    ckpt = project / paths.model("digits", 0, "dwf")
+    sources = []
+    for i, cwd in enumerate((project, project / "models")):
+        monkeypatch.chdir(cwd)
+        out = project / f"e{i}.json"
+        _ok(dwf("evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--params",
+                str(project / "params.yaml"), "--quiet", "--set", "evaluate.n_examples=8"))
+        sources.append(read(out)["settings"]["transfer_sources"])
+    assert sources[0] == sources[1] == ["pretrained_benign", "pretrained_pgd_0"]
+
+
+def test_missing_transfer_source_is_exit_2(project):
+    paths.expert("digits", 0, "pgd_0").unlink()
+    _one_line_error(dwf("evaluate", *P), "pgd_0.pt", "not found")
+    assert not paths.evaluation("digits", 0, "dwf").exists()
+    assert not details_path(paths.evaluation("digits", 0, "dwf")).exists()
 
 
 def _one_line_error(result, *needles):

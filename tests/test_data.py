@@ -60,18 +60,20 @@ def test_digits_download_format_and_manifest(tmp_path):
     d = data.download("digits", tmp_path, progress=False)
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["dataset"] == "digits" and "load_digits" in manifest["source"]
+    levels = {round(k * 255 / 16) for k in range(17)}  # sklearn's 0..16, scaled, not resampled
     for split, n in (("train", 1437), ("test", 360)):
         x, y = data.load_split("digits", tmp_path, split)
-        assert x.dtype == torch.uint8 and x.shape == (n, 3, 32, 32)
+        assert x.dtype == torch.uint8 and x.shape == (n, 1, 8, 8) == (n, *data.SHAPE["digits"])
+        assert set(x.unique().tolist()) == levels
         assert y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
-        assert torch.equal(x[:, 0], x[:, 2])  # grey: channels replicated
         entry = manifest["splits"][split]
         assert entry["count"] == n and sum(entry["class_counts"]) == n
         assert entry["class_counts"] == torch.bincount(y, minlength=10).tolist()
         assert entry["sha256"] == hashlib.sha256((d / f"{split}.pt").read_bytes()).hexdigest()
-    # Statistics written as constants match the data they describe.
-    mean = data.to_unit(data.load_split("digits", tmp_path, "train")[0]).mean().item()
-    assert mean == pytest.approx(data.MEAN_STD["digits"][0][0], abs=1e-4)
+    # Statistics written as constants match the data they describe, one value per channel.
+    train = data.to_unit(data.load_split("digits", tmp_path, "train")[0])
+    assert data.mean_std("digits") == ((pytest.approx(train.mean().item(), abs=1e-4),),
+                                       (pytest.approx(train.std(unbiased=False).item(), abs=1e-4),))
 
 
 def test_digits_split_is_fixed_and_redownload_is_noop(tmp_path):
@@ -97,7 +99,24 @@ def test_corrupted_file_is_detected_and_redownload_repairs_it(tmp_path):
         data.load_split("digits", tmp_path, "train")
     assert "sha256" in str(err.value) and "dwf download --dataset digits" in str(err.value)
     data.download("digits", tmp_path, progress=False)  # the advised fix
-    assert data.load_split("digits", tmp_path, "train")[0].shape == (1437, 3, 32, 32)
+    assert data.load_split("digits", tmp_path, "train")[0].shape == (1437, 1, 8, 8)
+
+
+def test_download_from_an_older_source_is_refetched(tmp_path):
+    """A folder from before native digits (3x32x32, another manifest source, consistent
+    checksums) is not "complete": `download` rewrites it instead of returning it."""
+    d = data.download("digits", tmp_path, progress=False)
+    old = {"x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "y": torch.zeros(2, dtype=torch.int64)}
+    torch.save(old, d / "test.pt")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["source"] = "sklearn.datasets.load_digits, 8x8 -> 32x32 bilinear"
+    sha = hashlib.sha256((d / "test.pt").read_bytes()).hexdigest()
+    manifest["splits"]["test"].update(count=2, sha256=sha)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"does not hold x uint8 \(N, 1, 8, 8\)"):
+        data.load_split("digits", tmp_path, "test")
+    data.download("digits", tmp_path, progress=False)  # the advised fix works
+    assert data.load_split("digits", tmp_path, "test")[0].shape == (360, 1, 8, 8)
 
 
 def test_missing_manifest_is_reported(tmp_path):
@@ -105,6 +124,50 @@ def test_missing_manifest_is_reported(tmp_path):
     (d / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest.json is missing.*dwf download --dataset digits"):
         data.load_split("digits", tmp_path, "test")
+
+
+@pytest.mark.parametrize("field", list(data.ENTRY_FIELDS))
+def test_manifest_missing_a_field_names_the_file_and_the_field(tmp_path, field):
+    d = data.download("digits", tmp_path, progress=False)
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["splits"]["train"][field]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"manifest.json: splits.train lacks field '{field}'; "
+                                        "re-run `dwf download --dataset digits`"):
+        data.load_split("digits", tmp_path, "train")
+
+
+def test_manifest_file_must_be_a_name_in_the_dataset_folder(tmp_path):
+    d = data.download("digits", tmp_path, progress=False)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["splits"]["test"]["file"] = "../digits/test.pt"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"splits.test.file '../digits/test.pt' is not a file name"):
+        data.load_split("digits", tmp_path, "test")
+
+
+def test_the_bytes_verified_are_the_bytes_loaded(tmp_path, monkeypatch):
+    """A file swapped right after its hash was checked is not what gets loaded (no TOCTOU)."""
+    d = data.download("digits", tmp_path, progress=False)
+    x, y = data.load_split("digits", tmp_path, "test")
+    swapped = {"x": torch.zeros_like(x), "y": torch.zeros_like(y)}
+
+    class SwapAfterHashing:
+        """hashlib, except that the file is replaced as soon as it has been hashed."""
+
+        def sha256(self, *args):
+            digest = hashlib.sha256(*args)
+            torch.save(swapped, d / "test.pt")
+            return digest
+
+        def file_digest(self, *args):
+            digest = hashlib.file_digest(*args)
+            torch.save(swapped, d / "test.pt")
+            return digest
+
+    monkeypatch.setattr(data, "hashlib", SwapAfterHashing())
+    x2, y2 = data.load_split("digits", tmp_path, "test")
+    assert torch.equal(x2, x) and torch.equal(y2, y)  # the verified bytes, not the swapped file
 
 
 def test_bad_content_with_matching_hash_is_refused(tmp_path):

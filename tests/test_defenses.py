@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dwf import checkpoint, data, models
 from dwf.cli import app
-from dwf.config import Baselines, ConfigError, load_params, parse_params
+from dwf.config import Baselines, ConfigError, parse_params
 from dwf.defenses import DEFENSES, advmoe, at, train_defense, trades
 from dwf.defenses.advmoe import expert_step
 from dwf.defenses.soe import soe_loss
@@ -19,8 +19,10 @@ from dwf.models.advmoe import ADVMoEResNet18
 from dwf.train import Phase, fit
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "studies" / "digits" / "params.yaml"  # the digits settings of every defense
 ARCH = {"num_classes": 10, "width": 4, "mean": data.MEAN_STD["digits"][0],
-        "std": data.MEAN_STD["digits"][1]}
+        "std": data.MEAN_STD["digits"][1], "in_channels": data.SHAPE["digits"][0]}
+SHAPE = data.SHAPE["digits"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,9 @@ def tiny_train(defense_data):
 
 @pytest.fixture(scope="module")
 def params():
-    return load_params(ROOT / "params.yaml")
+    """The paper's params with the digits study's section beside cifar10 and svhn."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return parse_params({**raw, "digits": yaml.safe_load(STUDY.read_text())["digits"]})
 
 
 def _tiny(cfg):
@@ -73,7 +77,7 @@ def test_paper_settings_reach_the_baselines(params):
     ({"resnet18_pgd_at": {"epochs": 1, "adv_fraction": 1.5}}, "adv_fraction"),
 ])
 def test_bad_baseline_settings_are_refused(section, message):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(STUDY.read_text())
     raw["digits"]["baselines"] = section
     with pytest.raises(ConfigError, match=message):
         parse_params(raw)
@@ -115,7 +119,7 @@ def test_each_defense_trains_and_reloads(name, params, tiny_train, tmp_path):
 def test_hard_routed_models_are_plain_classifiers(arch, kwargs):
     torch.manual_seed(0)
     model = models.build(arch, **kwargs).eval()
-    x = torch.rand(6, 3, 32, 32)
+    x = torch.rand(6, *SHAPE)
     w = model.gate_weights(x)
     assert w.shape == (6, 3) and torch.equal(w.sum(1), torch.ones(6))
     assert torch.equal(w.max(1).values, torch.ones(6))  # one-hot: one expert answers
@@ -184,7 +188,7 @@ def test_at_attacks_only_the_adversarial_fraction(params):
     cfg = params.profile("digits").baselines.resnet18_fgsm_at
     torch.manual_seed(0)
     model = models.build("resnet18", **ARCH).eval()
-    x, y = torch.rand(10, 3, 32, 32), torch.arange(10)
+    x, y = torch.rand(10, *SHAPE), torch.arange(10)
     x_mix, y_mix = at.fgsm_at_batch(model, x, y, cfg, torch.Generator().manual_seed(0))
     k = round(cfg.adv_fraction * len(x))
     assert torch.equal(x_mix[k:], x[k:]) and torch.equal(y_mix, y)
@@ -196,7 +200,7 @@ def test_at_attacks_only_the_adversarial_fraction(params):
 def test_kl_adversary_stays_in_the_ball_and_is_seeded():
     torch.manual_seed(0)
     model = models.build("resnet18", **ARCH).eval()
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, *SHAPE)
 
     def run(seed):
         return trades.kl_adversary(lambda z: [model(z)], x, eps=0.1, alpha=0.03, steps=3,
@@ -210,7 +214,7 @@ def test_kl_adversary_stays_in_the_ball_and_is_seeded():
 def test_soe_loss_trains_the_confidence_heads():
     torch.manual_seed(0)
     model = models.build("soe", **ARCH, n_submodels=2)
-    x, y = torch.rand(8, 3, 32, 32), torch.arange(8) % 10
+    x, y = torch.rand(8, *SHAPE), torch.arange(8) % 10
     loss, selected = soe_loss(model, x, y, confidence_weight=1.0)
     loss.backward()
     assert selected.shape == (8, 10)
@@ -226,7 +230,7 @@ def test_soe_loss_trains_the_confidence_heads():
 @pytest.fixture
 def tiny_params(defense_data, tmp_path):
     """The repo's params with a shrunken digits section: narrow, one epoch, a short protocol."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(STUDY.read_text())
     raw.update(datasets=["digits"], data_root=str(defense_data))
     digits = raw["digits"]
     digits["width"] = 4
@@ -263,7 +267,9 @@ def test_cli_evaluates_an_external_torchvision_model(tiny_params, tmp_path, monk
                                  "--params", str(tiny_params), "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "metrics/runs/digits/run0/eval/external_resnet18.json"  # not dwf's metrics
-    metrics = yaml.safe_load(out.read_text())  # JSON is YAML
+    from dwf.metricsfile import read
+
+    metrics = read(out)  # the headline numbers and the details beside them
     assert metrics["external"] == "resnet18" and metrics["n_examples"] == 16
     assert 0 <= metrics["worst_case"] <= metrics["clean"] <= 100
     wrong = runner.invoke(app, ["evaluate", "--external", "vgg11", "--weights", str(weights),

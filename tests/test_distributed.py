@@ -100,6 +100,29 @@ def test_evaluation_refuses_to_run_as_several_processes(tiny_params, monkeypatch
     assert res.exit_code == 2 and "torchrun" in res.output
 
 
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is outside 1.."),
+    ({"WORLD_SIZE": "2", "RANK": "abc"}, "RANK='abc' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside 0..1"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "gpu0"}, "LOCAL_RANK='gpu0' is not an integer"),
+])
+def test_bad_torchrun_environment_is_one_line_and_exit_2(tiny_params, tmp_path, monkeypatch, env,
+                                                         needle):
+    """Checked before the process group or any work starts (issue 11, item 7)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "never.pt"
+    res = CliRunner().invoke(app, ["train-expert", "--expert", "benign", "--params",
+                                   str(tiny_params), "--out", str(out), "--quiet"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.stderr
+    assert not torch.distributed.is_initialized() and not out.exists()
+
+
 def _sync_bn_worker(rank: int, size: int, port: int, out: str) -> None:
     """One gloo rank: SyncBatchNorm2d on its half of a fixed batch; writes grads and stats."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -38,9 +38,10 @@ def test_same_seed_gives_bit_identical_weights_on_cuda(digits, tmp_path, precisi
 def test_batched_mixture_matches_the_expert_loop_on_cuda():
     configure_determinism()
     torch.manual_seed(0)
-    moe = models.build("softmoe", n_experts=3, expert=digits_arch(8), router_hidden=(32,)).to(CUDA).eval()
+    moe = models.build("softmoe", n_experts=3, expert=digits_arch(8), router_hidden=(32,),
+                       input_shape=data.SHAPE["digits"]).to(CUDA).eval()
     moe.batching = {"cuda": "always"}  # NCHW on CUDA defaults to the loop
-    x = torch.rand(16, 3, 32, 32, device=CUDA)
+    x = torch.rand(16, *data.SHAPE["digits"], device=CUDA)
     y = torch.randint(0, 10, (16,), device=CUDA)
     fast = moe(x)
     moe.batched = False
@@ -69,7 +70,7 @@ def test_graphed_pgd_equals_eager_and_sees_weight_updates(precision):
     torch.manual_seed(0)
     model = models.build("resnet18", **digits_arch(8)).to(CUDA).eval()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    x = torch.rand(32, 3, 32, 32, device=CUDA)
+    x = torch.rand(32, *data.SHAPE["digits"], device=CUDA)
     y = torch.randint(0, 10, (32,), device=CUDA)
     previous = None
     for _ in range(2):

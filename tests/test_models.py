@@ -1,15 +1,21 @@
-"""Models: CIFAR ResNet-18 shapes, normalization inside the model, the gate and the soft mixture."""
+"""Models: CIFAR ResNet-18 shapes, normalization inside the model, the gate and the soft mixture,
+every architecture at every dataset's own input shape."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from dwf import models
-from dwf.models import Normalize, ResNet18, Router, SoftMoE
+from dwf import checkpoint, data, models
+from dwf.cli import _arch
+from dwf.models import ADVMoEResNet18, Normalize, ResNet18, Router, SoftMoE
 
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+SHAPES = sorted(set(data.SHAPE.values()))  # (1, 8, 8) digits, (3, 32, 32) CIFAR-10 and SVHN
 
 
 @pytest.fixture
@@ -31,14 +37,18 @@ def test_resnet18_is_the_cifar_variant(x):
     assert model.features(x).shape == (5, 8 * w)
 
 
-def test_resnet18_spatial_sizes(x):
-    """32x32 input keeps 32x32 through the stem and stage 1, then halves per stage."""
-    model = ResNet18(width=4).eval()
+@pytest.mark.parametrize("shape, expected", [((3, 32, 32), [32, 16, 8, 4]),
+                                             ((1, 8, 8), [8, 4, 2, 1])])
+def test_resnet18_spatial_sizes(shape, expected):
+    """The input size is kept through the stem and stage 1, then halves per stage; digits'
+    8x8 ends at 1x1, where the mean over H, W is that one pixel."""
+    c = shape[0]
+    model = ResNet18(width=4, mean=MEAN[:c], std=STD[:c], in_channels=c).eval()
     sizes = []
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         stage.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
-    model(x)
-    assert sizes == [32, 16, 8, 4]
+    assert model(torch.rand(2, *shape)).shape == (2, 10)
+    assert sizes == expected
 
 
 def test_eval_mode_is_deterministic(x):
@@ -108,3 +118,72 @@ def test_registry_rebuilds_both_architectures():
     assert len(moe.experts) == 2 and moe.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
         models.build("vgg")
+
+
+# ---------------------------------------------------------------- inputs at their own shape
+
+
+def _kwargs(arch: str, shape: tuple[int, int, int]) -> dict:
+    """Small arguments of a registered architecture for images of `shape`."""
+    c = shape[0]
+    base = {"num_classes": 10, "width": 4, "mean": MEAN[:c], "std": STD[:c], "in_channels": c}
+    return {"resnet18": base, "soe": {**base, "n_submodels": 2},
+            "advmoe_resnet18": {**base, "n_experts": 2, "router_width": 4, "router_blocks": 1},
+            "softmoe": {"n_experts": 2, "expert": base, "router_hidden": (8,),
+                        "input_shape": shape}}[arch]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
+def test_every_architecture_trains_at_each_input_shape(arch, shape):
+    torch.manual_seed(0)
+    model = models.build(arch, **_kwargs(arch, shape)).train()
+    x = torch.rand(4, *shape, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    F.cross_entropy(logits, torch.arange(4)).backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.eval()(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gate_flattens_the_dataset_shape(shape):
+    moe = models.build("softmoe", **_kwargs("softmoe", shape))
+    c, h, w = shape
+    assert moe.router.scores[1].in_features == c * h * w  # scores[0] is the Flatten
+    torch.testing.assert_close(moe.gate_weights(torch.rand(3, *shape)).sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ResNet18(mean=MEAN, std=STD, in_channels=1),
+    lambda: ADVMoEResNet18(mean=(0.3,), std=(0.2,)),
+    lambda: SoftMoE([ResNet18(width=4, mean=(0.3,), std=(0.2,), in_channels=1)], MEAN, STD,
+                    (8,), (1, 8, 8)),
+])
+def test_statistics_for_another_channel_count_are_refused(build):
+    """A 3-channel Normalize would silently broadcast a 1-channel image to 3 channels."""
+    with pytest.raises(ValueError, match="one value per input channel"):
+        build()
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar10"])
+def test_checkpoint_round_trip_at_the_dataset_shape(tmp_path, dataset):
+    """The CLI's architecture arguments carry the data's channels, so a checkpoint rebuilds a
+    mixture that takes the dataset's images as they are stored."""
+    shape = data.SHAPE[dataset]
+    expert = _arch(dataset, SimpleNamespace(width=4, normalization="correct"))
+    assert expert["in_channels"] == shape[0]
+    kwargs = {"n_experts": 2, "expert": expert, "router_hidden": (8,), "input_shape": shape}
+    torch.manual_seed(0)
+    model = models.build("softmoe", **kwargs)
+    with torch.no_grad():
+        model.train()(torch.rand(8, *shape))  # BatchNorm statistics off their defaults
+    path = tmp_path / "m.pt"
+    checkpoint.save(path, {"arch": "softmoe", "arch_kwargs": kwargs, "dataset": dataset,
+                           "state_dict": model.state_dict()})
+    loaded = checkpoint.load_model(path, dataset=dataset)
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

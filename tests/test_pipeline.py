@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import _tiny_section
@@ -42,8 +43,9 @@ def project_copy(dst: Path, params: dict | None = None) -> Path:
     """The project's sources and pipeline files in `dst`, optionally with other params."""
     def ignore(folder: str, names: list[str]) -> list[str]:
         top = Path(folder) == ROOT
+        study = Path(folder).parent == ROOT / "studies"  # a study's outputs (e.g. after `make demo`)
         return [n for n in names if n in ANY_SKIP or n.endswith((".egg-info", ".resume"))
-                or (top and n in TOP_SKIP)]
+                or (top and n in TOP_SKIP) or (study and n in TOP_SKIP)]
 
     shutil.copytree(ROOT, dst, ignore=ignore)
     (dst / ".dvc").mkdir()
@@ -53,18 +55,28 @@ def project_copy(dst: Path, params: dict | None = None) -> Path:
     return dst
 
 
-def tiny_digits_params() -> dict:
-    return {"seed": 0, "runs": [0, 1], "datasets": ["digits"], "data_root": "data",
-            "experts": ["benign", "fgsm_0", "pgd_0"], "baselines": ["resnet18"],
+# dvc.yaml names the joint stage's expert checkpoints by index: it needs nine experts
+NINE = ["benign", "fgsm_0", "fgsm_1", "fgsm_2", "fgsm_3", "pgd_0", "pgd_1", "pgd_2", "pgd_3"]
+
+
+def tiny_digits_params(runs=(0, 1), experts=NINE) -> dict:
+    return {"seed": 0, "runs": list(runs), "datasets": ["digits"], "data_root": "data",
+            "cpu_threads": 2, "experts": list(experts), "baselines": ["resnet18"],
             "evaluate_models": ["dwf", "experts/benign", "resnet18"],
             "digits": _tiny_section()}
 
 
+def dvc_stages(repo: Path) -> dict[str, dict[str, list[str]]]:
+    """Each DVC stage's resolved deps and outputs (metrics and plots files included)."""
+    code = ("import json; from dvc.repo import Repo; r = Repo('.'); print(json.dumps({s.addressing:"
+            " {'deps': [str(d.def_path) for d in s.deps], 'outs': [str(o.def_path) for o in s.outs]}"
+            " for s in r.index.stages if s.path == r.root_dir + '/dvc.yaml'}))")  # not studies/*
+    return json.loads(sh(repo, sys.executable, "-c", code).stdout)
+
+
 def dvc_outputs(repo: Path) -> set[str]:
     """Every output and metrics/plots file the DVC pipeline declares."""
-    code = ("import json; from dvc.repo import Repo; r = Repo('.');"
-            "print(json.dumps(sorted(str(o.def_path) for s in r.index.stages for o in s.outs)))")
-    return set(json.loads(sh(repo, sys.executable, "-c", code).stdout))
+    return {o for s in dvc_stages(repo).values() for o in s["outs"]}
 
 
 def snakemake_outputs(repo: Path) -> set[str]:
@@ -79,10 +91,62 @@ def test_snakemake_and_dvc_produce_the_same_outputs(tmp_path, config):
     sh(repo, "git", "init", "-q")
     dvc = dvc_outputs(repo)
     snake = snakemake_outputs(repo)
-    # Snakemake names a directory output the same way; DVC also lists the reports folder
-    assert dvc == snake, f"only in DVC: {sorted(dvc - snake)[:5]}; only in Snakemake: {sorted(snake - dvc)[:5]}"
+    # Snakemake declares the file written last inside a DVC folder output (data/D/manifest.json),
+    # no folder (its timestamp file would land inside); reports/ is written with summary.json.
+    # DVC alone has the params check (Snakemake's wildcard patterns refuse bad names).
+    dvc.discard(".dwf/params-checked")
+    inside = {o for o in snake if any(o.startswith(d + "/") for d in dvc)}
+    folders = {d for d in dvc if any(o.startswith(d + "/") for o in snake)} | {"reports"}
+    assert dvc - folders == snake - inside, (f"only in DVC: {sorted(dvc - folders - snake)[:5]}; "
+                                             f"only in Snakemake: {sorted(snake - inside - dvc)[:5]}")
+    assert {o.split("/manifest.json")[0] for o in inside} == {d for d in folders if d.startswith("data/")}
     if config == "paper":
         assert sum(p.startswith("models/") and "/experts/" in p for p in dvc) == 2 * 5 * 9
+
+
+def test_joint_and_evaluate_depend_on_each_expert_file(tmp_path):
+    """Per-file deps (issue 15): each expert checkpoint, as DVC resolves dvc.yaml, not the folder."""
+    repo = project_copy(tmp_path / "p", tiny_digits_params(runs=[3]))
+    sh(repo, "git", "init", "-q")
+    stages = dvc_stages(repo)
+    experts = {f"models/digits/run3/experts/{e}.pt" for e in NINE}
+    for name in ("joint@digits-3", "evaluate@digits-3-resnet18"):
+        deps = stages[name]["deps"]
+        assert experts <= set(deps) and "models/digits/run3/experts" not in deps, name
+        assert {"src/dwf/cli.py", "src/dwf/paths.py"} <= set(deps), name
+
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_digits_params(experts=NINE[:3])))
+    r = sh(repo, sys.executable, "-c", "from dvc.repo import Repo; Repo('.').index.stages", ok=False)
+    assert r.returncode != 0 and "experts[3]" in r.stderr  # fewer experts: refused, not ignored
+
+
+def test_snakemake_config_that_dwf_would_not_see_is_refused(tmp_path):
+    repo = project_copy(tmp_path / "p")
+    r = sh(repo, str(BIN / "snakemake"), "-n", "--config", "experts=[benign]", ok=False)
+    assert r.returncode != 0
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: --config experts: the dwf commands read params.yaml; change it there "
+        "(only joint_gpus may be set with --config)"]
+    assert "joint" in sh(repo, str(BIN / "snakemake"), "-n", "--config", "joint_gpus=2").stdout
+
+
+@pytest.mark.slow  # two trainings in fresh processes: 6-18 s on 2 busy cores
+def test_cpu_results_do_not_depend_on_omp_num_threads(tmp_path, tiny_params):
+    """Issue 15: a stage under OMP_NUM_THREADS=1 and =2 (as DVC and Snakemake may run it) gives
+    the same weights, since `cpu_threads` in params sets the thread count."""
+    params = yaml.safe_load(tiny_params.read_text()) | {"cpu_threads": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    weights = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"benign_{threads}.pt"
+        r = subprocess.run([str(BIN / "dwf"), "train-expert", "--expert", "benign", "--params", "params.yaml",
+                            "--dataset", "digits", "--out", str(out), "--history", f"h{threads}.json",
+                            "--quiet", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**ENV, "OMP_NUM_THREADS": threads}, timeout=600)
+        assert r.returncode == 0, r.stderr
+        weights.append(torch.load(out, weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_snakemake_dry_run_lists_every_job_and_lint_passes(tmp_path):
@@ -113,6 +177,7 @@ def test_dvc_repro_digits_end_to_end(tmp_path):
     sh(repo, "git", "commit", "-qm", "tiny digits pipeline")
 
     sh(repo, "dvc", "repro")
+    assert not list((repo / "models").rglob(".gitignore"))  # /models/ is ignored at the root
     summary = json.loads((repo / "metrics" / "summary.json").read_text())
     assert summary["digits"]["dwf"]["clean"]["n"] == 2
     for f in ("table2.md", "table3.tex", "comparison.md", "figures/figure6_digits.png"):
@@ -133,15 +198,41 @@ def test_dvc_repro_digits_end_to_end(tmp_path):
     shown = sh(repo, "dvc", "exp", "show", "--csv", "--no-pager").stdout
     assert re.search(r"^.*,3,", shown, flags=re.M) or ",3\n" in shown, shown
     diff = sh(repo, "dvc", "metrics", "diff", "HEAD", "--json").stdout
-    assert "metrics/summary.json" in diff
+    assert "metrics/runs/digits/run0/eval/dwf.json" in diff
 
     # a fresh checkout of the committed results restores models from the remote, no retraining
     sh(repo, "git", "checkout", "-q", "--", ".")
     sh(repo, "dvc", "exp", "apply", "HEAD", ok=False)
     shutil.rmtree(repo / "models")
     shutil.rmtree(repo / ".dvc" / "cache")
-    sh(repo, "git", "checkout", "-q", "--", "models")  # a fresh clone has the tracked .gitignore files
     sh(repo, "dvc", "pull")
     status = sh(repo, "dvc", "status").stdout
     assert "up to date" in status, status
     assert "up to date" in sh(repo, "dvc", "repro").stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["benign_`touch PWNED`", "benign_'$(touch PWNED)'"])
+def test_injected_expert_name_runs_no_shell_command(tmp_path, bad):
+    """Issue 11: an expert name holding a command substitution, through real `dvc repro`, fails
+    before any shell sees it: the check_params stage, which every stage depends on, refuses it
+    first (quoting alone cannot stop a name holding a quote). `dvc exp run` runs the same repro."""
+    repo = project_copy(tmp_path / "p", tiny_digits_params(runs=[0]))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "repro", "download@digits")  # up to date: the expert stages run next
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_digits_params(runs=[0], experts=[*NINE[1:], bad])))
+    for cmd in (["dvc", "repro"], ["dvc", "repro", "joint@digits-0"]):
+        r = sh(repo, *cmd, ok=False)
+        assert r.returncode != 0
+        assert "error: experts: expected a name matching" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert not list(repo.rglob("PWNED"))
+    # a stage run alone: the failed check removed its marker, a dep of the stage, so DVC
+    # refuses to run it; were the marker there, the quoting keeps a backtick name inert
+    r = sh(repo, "dvc", "repro", "--single-item", f"expert@digits-0-{bad}", ok=False)
+    assert r.returncode != 0 and "params-checked" in r.stderr, r.stdout + r.stderr
+    assert not list(repo.rglob("PWNED"))
+    (repo / ".dwf" / "params-checked").write_text("params checked by `dwf check-params`\n")
+    if "`" in bad:
+        r = sh(repo, "dvc", "repro", "--single-item", f"expert@digits-0-{bad}", ok=False)
+        assert r.returncode != 0 and "error: --expert: expected a name matching" in r.stdout + r.stderr
+        assert not list(repo.rglob("PWNED"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
-from dwf import checkpoint, models
+from dwf import checkpoint, data, models
 from dwf.cli import app
 from dwf.config import TrainConfig
-from dwf.defenses.dwf import benign_batch, build_mixture, resume_path, train_expert
+from dwf.defenses import dwf as dwf_stages
+from dwf.defenses.dwf import benign_batch, build_mixture, resume_path, train_expert, train_joint
 from dwf.train import TrainingError, fit
 
 from conftest import digits_arch
@@ -101,7 +104,7 @@ def test_nan_in_the_gate_stops_training(digits, tmp_path):
                      arch_kwargs=digits_arch(4), dataset="digits", seed=1, flip=False,
                      crop_padding=0, out=path, device=CPU, progress=False)
         experts.append(path)
-    moe, kwargs = build_mixture(experts, router_hidden=(16,), seed=0, dataset="digits")
+    moe, kwargs, _ = build_mixture(experts, router_hidden=(16,), seed=0, dataset="digits")
     with torch.no_grad():
         moe.router.scores[1].weight[0, 0] = float("nan")
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, step 1"):
@@ -113,6 +116,7 @@ def test_nan_in_the_gate_stops_training(digits, tmp_path):
 
 BAD_SETS = [
     ("expert.epochs=0", "expert.epochs"),
+    ("expert.batch_size=5000", "batch_size 5000 is larger than the training data (1437"),
     ("expert.lr=fast", "expert.lr"),
     ("expert.pgd_eps=1.5", "pgd_eps"),
     ("expert.pgd_eps=-0.1", "pgd_eps"),
@@ -134,6 +138,95 @@ def test_bad_parameter_exits_2_with_one_line_naming_the_key(tiny_params, tmp_pat
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
     assert key in lines[0] and lines[0].startswith("error: ")
     assert not out.exists() and not resume_path(out).exists(), "no work may start"
+
+
+def test_joint_training_does_not_resume_onto_retrained_experts(digits, tmp_path, monkeypatch,
+                                                              capsys):
+    """Issue 11, item 3: kill the joint stage after its first epoch, retrain an expert with other
+    settings, run the stage again: it must start afresh and say which input changed."""
+    x, y = digits[0][:64], digits[1][:64]
+    cfg = TrainConfig(epochs=2, batch_size=32, pgd_steps=(1,), fgsm_eps=(0.1,))
+    experts = [tmp_path / "benign.pt", tmp_path / "pgd_0.pt"]
+
+    def expert(path, seed):
+        train_expert(path.stem.split("_")[0], x, y, cfg=cfg, arch_kwargs=digits_arch(4),
+                     dataset="digits", seed=seed, flip=False, crop_padding=0, out=path,
+                     device=CPU, progress=False)
+
+    def joint():
+        return train_joint(experts, x, y, cfg=cfg, router_hidden=(16,), dataset="digits", seed=0,
+                           flip=False, crop_padding=0, out=tmp_path / "dwf.pt", device=CPU,
+                           progress=False)
+
+    for path in experts:
+        expert(path, seed=1)
+    calls, joint_batch = [], dwf_stages.joint_batch
+
+    def killed_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) > 2:  # two steps an epoch
+            raise KeyboardInterrupt
+        return joint_batch(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(dwf_stages, "joint_batch", killed_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            joint()
+    resume = resume_path(tmp_path / "dwf.pt")
+    assert checkpoint.load(resume)["epoch"] == 1
+    expert(experts[1], seed=2)  # retrained with other settings
+    capsys.readouterr()
+    history = joint()
+    assert capsys.readouterr().err.splitlines() == [
+        f"{resume}: not resumed: its inputs.pgd_0.pt differs from this run's; set aside as "
+        "dwf.pt.stale.resume, starting afresh"]
+    assert [h["epoch"] for h in history] == [1, 2] and not resume.exists()
+
+
+def _bad_checkpoint(path: Path, problem: str) -> None:
+    """A resnet18 checkpoint for digits with one problem of issue 11's item 7."""
+    arch = digits_arch(4)
+    state = models.build("resnet18", **arch).state_dict()
+    if problem == "nan":
+        state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    elif problem == "not-a-tensor":
+        state["linear.bias"] = "0.1"
+    elif problem == "negative-classes":
+        arch = {**arch, "num_classes": -10}
+    torch.save({"format": checkpoint.FORMAT, "arch": "resnet18", "arch_kwargs": arch,
+                "state_dict": state, "dataset": "digits"}, path)
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("nan", "weight 'conv1.weight' is not finite"),
+    ("not-a-tensor", "state_dict['linear.bias'] is a str, not a tensor"),
+    ("negative-classes", "arch_kwargs.num_classes = -10 is not an integer in [1, 100000]"),
+])
+def test_bad_checkpoint_exits_2_with_one_line_naming_the_file(tiny_params, tmp_path, problem,
+                                                              needle):
+    bad = tmp_path / "bad.pt"
+    _bad_checkpoint(bad, problem)
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(tiny_params), "--checkpoint",
+                                      str(bad), "--out", str(tmp_path / "m.json"), "--quiet"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {bad}: ") and needle in lines[0]
+
+
+def test_manifest_missing_a_field_exits_2_naming_file_and_field(tiny_params, tmp_path):
+    root = tmp_path / "data"
+    manifest = data.download("digits", root, progress=False) / "manifest.json"
+    entries = json.loads(manifest.read_text())
+    del entries["splits"]["train"]["count"]
+    manifest.write_text(json.dumps(entries))
+    params = tmp_path / "broken.yaml"
+    params.write_text(yaml.safe_dump({**yaml.safe_load(tiny_params.read_text()),
+                                      "data_root": str(root)}))
+    result = CliRunner().invoke(app, ["train-expert", "--params", str(params), "--expert",
+                                      "benign", "--out", str(tmp_path / "m.pt"), "--quiet"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert f"{manifest}: splits.train lacks field 'count'" in lines[0]
 
 
 def test_no_environment_secret_reaches_any_output(tiny_params, tmp_path, monkeypatch):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from dwf import adaptive, attacks, evaluate as ev, models
+from dwf import adaptive, attacks, evaluate as ev, metricsfile, models
 from dwf.config import EvalConfig
 from dwf.data import load_split
 
@@ -29,7 +31,8 @@ def plain(root):
 
 def test_weakest_expert_and_gate_attack(root, plain):
     x, y = first_test_images(root, 24)
-    untrained = models.build("resnet18", num_classes=10, width=4).eval()
+    untrained = models.build("resnet18", num_classes=10, width=4, mean=(0.5,), std=(0.5,),
+                             in_channels=1).eval()
     moe = mixture(plain, untrained)
     k = adaptive.weakest_expert(moe, x, y)
     with torch.no_grad():
@@ -66,6 +69,7 @@ def test_evaluate_reports_every_group_and_resumes(root, plain, tmp_path, monkeyp
     every = [metrics["clean"], *metrics["strong"].values(), *metrics["pgd"].values()]
     assert metrics["worst_case"] <= min(every)
     assert len(metrics["per_example"]["worst_case_correct"]) == CFG.n_examples
+    assert metricsfile.join(*metricsfile.split(metrics)) == metrics  # the two files lose nothing
 
     def refuse(*a, **k):
         raise AssertionError("a finished batch was recomputed")
@@ -75,6 +79,26 @@ def test_evaluate_reports_every_group_and_resumes(root, plain, tmp_path, monkeyp
     again = ev.evaluate(moe, x, y, **kw)
     assert {k: again[k] for k in ("worst_case", "strong", "autoattack")} == \
         {k: metrics[k] for k in ("worst_case", "strong", "autoattack")}
+
+
+def test_corrupt_mistyped_or_stale_resume_batches_are_recomputed(root, plain, tmp_path, capsys):
+    x, y = load_split("digits", root, "test")
+    kw = dict(cfg=dataclasses.replace(CFG, strong=False, autoattack=False), seed=0, device=CPU,
+              progress=False, state=tmp_path)
+    metrics = ev.evaluate(plain, x, y, **kw)
+    chunks = sorted((tmp_path / "attacks").glob("batch*.pt"))
+    key = torch.load(chunks[0], weights_only=True)["key"]
+    chunks[0].write_bytes(b"PK\x03\x04 cut short")
+    torch.save({"key": key, "flags": {"clean": "yes"}}, chunks[1])
+    capsys.readouterr()
+    again = ev.evaluate(plain, x, y, **kw)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch00000.pt: unreadable" in err, err  # said once
+    assert again == metrics
+
+    other = ev.evaluate(plain, x[24:], y[24:], **kw)  # other images: the saved batches are stale
+    assert "another model, data" in capsys.readouterr().err
+    assert other["per_example"] != metrics["per_example"]
 
 
 def test_worst_case_counts_subset_attacks_only_where_they_ran():

@@ -48,14 +48,23 @@ def _check_budget(eps: float, alpha: float | None = None) -> None:
         raise ValueError(f"alpha must be in [0, 1] (pixel units), got {alpha}")
 
 
+def _grad_and_output(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-example loss w.r.t. x, the per-example loss (N,) and the
+    model's output at x, all from one forward pass."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        out = model(x)
+        loss = loss_fn(out, y)  # (N,)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad, loss.detach(), out.detach()
+
+
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the summed per-example loss w.r.t. x, and the per-example loss itself."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        loss = loss_fn(model(x), y)  # (N,)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-    return grad, loss.detach()
+    grad, loss, _ = _grad_and_output(model, x, y, loss_fn)
+    return grad, loss
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,10 +116,56 @@ def _pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         yield x_adv
 
 
+class _Best:
+    """Per example, the most adversarial point seen so far: one that misclassifies, else the one
+    with the highest loss (the order `worst_of` ranks restarts in)."""
+
+    def __init__(self):
+        self.x = self.wrong = self.loss = None
+
+    def update(self, x_adv: torch.Tensor, wrong: torch.Tensor, loss: torch.Tensor) -> None:
+        if self.x is None:
+            self.x, self.wrong, self.loss = x_adv, wrong, loss
+            return
+        better = (wrong & ~self.wrong) | ((wrong == self.wrong) & (loss > self.loss))
+        self.x = torch.where(better.view(-1, *([1] * (x_adv.dim() - 1))), x_adv, self.x)
+        self.wrong, self.loss = self.wrong | wrong, torch.where(better, loss, self.loss)
+
+
+def _pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+              steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss):
+    """Yield, after every PGD step k, the best of iterates 0..k per example (evaluation).
+
+    PGD ascends a surrogate loss, so an iterate can cross the decision boundary and leave it
+    again; the last iterate alone then misses a near-tie example that the attack did find.
+    Iterate k is scored from the forward pass that takes its gradient for step k + 1, so the
+    whole run costs one extra forward pass (the score of the last iterate).
+    """
+    x_adv, best = _pgd_start(x, eps, random_start, generator), _Best()
+    for k in range(steps + 1):
+        if k == steps:
+            with torch.no_grad():
+                logits = model(x_adv)
+            best.update(x_adv, logits.argmax(1) != y, loss_fn(logits, y))
+        else:
+            grad, loss, logits = _grad_and_output(model, x_adv, y, loss_fn)
+            best.update(x_adv, logits.argmax(1) != y, loss)
+        if k > 0:
+            yield best.x
+        if k < steps:
+            x_adv = project(x_adv + alpha * grad.sign(), x, eps)
+    if steps == 0:
+        yield best.x
+
+
 def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
              steps: int, random_start: bool, generator: torch.Generator | None, loss_fn: Loss,
-             graph: bool = False) -> torch.Tensor:
-    """One PGD run: its last iterate (replayed from a CUDA graph if asked, on CUDA, in eval mode)."""
+             graph: bool = False, keep_best: bool = False) -> torch.Tensor:
+    """One PGD run: its last iterate (replayed from a CUDA graph if asked, on CUDA, in eval
+    mode), or with keep_best the best iterate per example."""
+    if keep_best:
+        *_, best = _pgd_best(model, x, y, eps, alpha, steps, random_start, generator, loss_fn)
+        return best
     if graph and x.is_cuda and steps > 0 and not model.training:
         start = _pgd_start(x, eps, random_start, generator)
         return cudagraphs.replay(
@@ -122,18 +177,19 @@ def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alp
 
 def pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
                  steps: Sequence[int], seed: int | None = None, random_start: bool = True,
-                 loss: str = "ce") -> dict[int, torch.Tensor]:
+                 loss: str = "ce", keep_best: bool = False) -> dict[int, torch.Tensor]:
     """PGD-k for several k from one trajectory: {k: the iterate after k steps}.
 
-    Identical to `pgd(..., steps=k, seed=seed)` for every k (same start, same steps), at the
-    cost of the longest run alone; the evaluation's PGD-10..50 use it.
+    Identical to `pgd(..., steps=k, seed=seed, keep_best=keep_best)` for every k (same start,
+    same steps), at the cost of the longest run alone; the evaluation's PGD-10..50 use it.
     """
     _check_budget(eps, alpha)
     if not steps or min(steps) < 1:
         raise ValueError(f"steps must be a non-empty list of counts >= 1, got {list(steps)}")
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     wanted, out = set(steps), {}
-    it = _pgd_iterates(model, x, y, eps, alpha, max(steps), random_start, gen, LOSSES[loss])
+    trajectory = _pgd_best if keep_best else _pgd_iterates
+    it = trajectory(model, x, y, eps, alpha, max(steps), random_start, gen, LOSSES[loss])
     for k, x_adv in enumerate(it, start=1):
         if k in wanted:
             out[k] = x_adv.detach()
@@ -150,7 +206,7 @@ def attack_score(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: s
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
         steps: int, restarts: int = 1, random_start: bool = True, seed: int | None = None,
-        loss: str = "ce", graph: bool = False) -> torch.Tensor:
+        loss: str = "ce", graph: bool = False, keep_best: bool = False) -> torch.Tensor:
     """Projected gradient descent with restarts, keeping the worst case per example.
 
     Restart r draws its random start from seed + r, so `pgd(..., restarts=1, seed=s + r)`
@@ -169,17 +225,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         graph: on CUDA with the model in eval mode, replay each iteration from a captured
             CUDA graph (dwf.cudagraphs): the same computation without per-kernel launches; for
             repeated calls on one batch shape (training). Ignored otherwise.
+        keep_best: return, per example, the best iterate of each run (one that misclassifies,
+            else the highest loss) instead of the last one: what evaluation reports. Training
+            keeps the paper's last iterate (and may replay graphs); the two do not combine.
     Returns:
         adversarial images, detached.
     """
     _check_budget(eps, alpha)
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}")
+    if graph and keep_best:
+        raise ValueError("keep_best (evaluation) and graph (training replay) do not combine")
     loss_fn = LOSSES[loss]
 
     def run(r: int) -> torch.Tensor:
         gen = None if seed is None else torch.Generator().manual_seed(seed + r)
-        return _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn, graph)
+        return _pgd_run(model, x, y, eps, alpha, steps, random_start, gen, loss_fn, graph, keep_best)
 
     if restarts == 1:
         return run(0).detach()
@@ -192,13 +253,7 @@ def worst_of(model: nn.Module, candidates: Iterable[torch.Tensor], y: torch.Tens
 
     Candidates are consumed one at a time, so restarts never hold more than two batches.
     """
-    best, best_wrong, best_loss = None, None, None
+    best = _Best()
     for x_adv in candidates:
-        wrong, value = attack_score(model, x_adv, y, loss)
-        if best is None:
-            best, best_wrong, best_loss = x_adv, wrong, value
-            continue
-        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (value > best_loss))
-        best = torch.where(better.view(-1, 1, 1, 1), x_adv, best)
-        best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
-    return best.detach()
+        best.update(x_adv, *attack_score(model, x_adv, y, loss))
+    return best.x.detach()

@@ -23,6 +23,8 @@ NEAR_ZERO = 2.0                    # accuracy (%) that counts as "near zero" at 
 CONVERGED = 0.5                    # points: doubling iterations and restarts must change less
 SQUARE_SLACK = 0.2                 # points: AutoAttack's check_square_sr threshold
 NONZERO_GRADS = 0.99               # fraction of examples with a non-zero input gradient
+BINARIZED_FOUND = 0.95             # share of binarization tests the attack must win
+INNER_SAMPLES = 16                 # points around each image the binarized readout keeps "clean"
 
 
 def accuracy(flags: torch.Tensor) -> float:
@@ -231,6 +233,82 @@ def known_adversary_check(attack: Callable, x: torch.Tensor, cfg: EvalConfig, se
                    "fooled_where_impossible": false})
 
 
+class Binarized(nn.Module):
+    """The audited model read out by one linear unit per example (Zimmermann et al. 2022,
+    "Increasing confidence in adversarial robustness evaluations"): s(x) = w . model(x) + b,
+    class 1 ("adversarial") iff s > 0. Built by `binarize` so that class 1 provably exists
+    inside the eps-ball of each image while the image itself is class 0.
+
+    The batch is aligned with the images it was built for: row i uses readout i.
+    """
+
+    def __init__(self, model: nn.Module, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("w", w)  # (N, classes)
+        self.register_buffer("b", b)  # (N,)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (self.model(x) * self.w).sum(1) + self.b  # (N,)
+        return torch.stack([-s, s], dim=1)
+
+
+@torch.no_grad()
+def binarize(model: nn.Module, x: torch.Tensor, eps: float, generator: torch.Generator
+             ) -> tuple[Binarized, torch.Tensor, torch.Tensor]:
+    """A Binarized copy of `model` for images x, with a known adversarial point per image.
+
+    The target is a random vertex of the eps-ball (clamped into [0, 1]); the readout direction
+    is the target's logits minus the mean logits of the image and INNER_SAMPLES points within
+    eps/2 of it; the threshold sits halfway, scaled so that the target scores +1 and every inner
+    point at most -1 (logits of order one: the attack's loss does not saturate).
+
+    Returns:
+        (binarized model, target images, valid): valid[i] says the readout separates target i
+        from its inner points (else the test says nothing about image i).
+    """
+    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, x.dtype) * 2 - 1
+    target = attacks.project(x + eps * signs, x, eps)
+    noise = torch.rand((INNER_SAMPLES, *x.shape), generator=generator).to(x.device, x.dtype)
+    inner = [x] + [attacks.project(x + 0.5 * eps * (2 * u - 1), x, eps) for u in noise]
+    f_inner = torch.stack([model(v) for v in inner])  # (K + 1, N, classes)
+    f_target = model(target)                          # (N, classes)
+    w = f_target - f_inner.mean(0)
+    s_inner, s_target = (f_inner * w).sum(-1).amax(0), (f_target * w).sum(-1)
+    valid = s_target > s_inner
+    half_gap = torch.where(valid, (s_target - s_inner) / 2, torch.ones_like(s_target))
+    w, b = w / half_gap[:, None], -(s_target + s_inner) / 2 / half_gap
+    return Binarized(model, w, b), target, valid
+
+
+def binarization_check(model: nn.Module, attack: Callable, x: torch.Tensor, cfg: EvalConfig,
+                       seed: int) -> Check:
+    """The attack must find the adversarial example that provably exists for (nearly) every
+    binarized copy of the model: a must-succeed test at the audited budget (strong_steps x
+    strong_restarts at pgd_eps), on the model's own loss landscape."""
+    gen = torch.Generator().manual_seed(seed)
+    eps = cfg.pgd_eps
+    found, valid_all = [], []
+    for i in range(0, len(x), cfg.batch_size):
+        xb = x[i:i + cfg.batch_size]
+        probe, target, valid = binarize(model, xb, eps, gen)
+        with torch.no_grad():
+            sane = (probe(target).argmax(1) == 1) & (probe(xb).argmax(1) == 0)
+        zeros = torch.zeros(len(xb), dtype=torch.long, device=xb.device)
+        x_adv = attack(probe, xb, zeros, eps=eps, alpha=cfg.pgd_alpha, steps=cfg.strong_steps,
+                       restarts=cfg.strong_restarts, seed=derive_seed(seed, "binarized", i))
+        with torch.no_grad():
+            in_ball = (x_adv - xb).abs().flatten(1).amax(1) <= eps + 1e-6
+            found.append(((probe(x_adv).argmax(1) == 1) & in_ball)[valid & sane].cpu())
+        valid_all.append((valid & sane).cpu())
+    found, valid = torch.cat(found), torch.cat(valid_all)
+    share = found.float().mean().item() if len(found) else 0.0
+    return _check(len(found) > 0 and share >= BINARIZED_FOUND,
+                  {"eps": eps, "n_tests": int(valid.sum()), "n_images": len(valid),
+                   "found": round(share, 4)})
+
+
 # ---------------------------------------------------------------- the audit
 
 
@@ -268,4 +346,6 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig
     checks["outputs_are_logits"] = logits_check(model, xb)
     checks["attack_finds_known_adversarial"] = known_adversary_check(
         attack, xb, cfg, derive_seed(seed, "audit", "known"), cfg.batch_size)
+    checks["attack_finds_binarized_adversarial"] = binarization_check(
+        model, attack, x, cfg, derive_seed(seed, "audit", "binarized"))
     return checks

@@ -52,6 +52,7 @@ class BenchConfig:
         channels_last: NHWC memory format for the optimized path.
         batched: grouped-convolution experts for the optimized path (None: the device default).
         reference: also time the reference path (off: optimized only, no speedups).
+        input_shape: (C, H, W) of the images (data.SHAPE: CIFAR's 3x32x32, digits' 1x8x8).
     """
 
     width: int = 64
@@ -65,6 +66,7 @@ class BenchConfig:
     channels_last: bool = False
     batched: bool | None = None
     reference: bool = True
+    input_shape: tuple[int, int, int] = (3, 32, 32)
 
 
 # The paper's sizes where a GPU makes them affordable; the demo's width on a CPU (< 3 minutes).
@@ -73,24 +75,31 @@ DEFAULTS = {"cuda": BenchConfig(), "cpu": BenchConfig(width=8, batch=32, pgd_ste
 # ---------------------------------------------------------------- FLOP count
 
 
-def resnet18_macs(width: int, num_classes: int = 10, hw: int = 32) -> int:
-    """Multiply-accumulates of one CIFAR ResNet-18 forward on an hw x hw image (convs + linear)."""
-    macs = hw * hw * 3 * width * 9  # 3x3 stem
+def resnet18_macs(width: int, num_classes: int = 10,
+                  input_shape: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """Multiply-accumulates of one CIFAR ResNet-18 forward on a (C, H, W) image (convs + linear)."""
+    c, h, w = input_shape
+    hw = h * w  # output pixels of the 3x3 stem and stage 1 (stride 1, padding 1)
+    macs = hw * c * width * 9  # 3x3 stem
     c_in = width
     for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        hw = hw if i == 0 else hw // 2  # stride 2 from stage 2 on (padding 1 keeps even sizes)
-        macs += hw * hw * c_in * c_out * 9 + 3 * hw * hw * c_out * c_out * 9  # four 3x3 convs
+        if i > 0:  # stride 2, padding 1: ceil(size / 2) (8x8 digits: 8, 4, 2, 1)
+            h, w = (h + 1) // 2, (w + 1) // 2
+            hw = h * w
+        macs += hw * c_in * c_out * 9 + 3 * hw * c_out * c_out * 9  # four 3x3 convs
         if c_in != c_out:
-            macs += hw * hw * c_in * c_out  # 1x1 projection shortcut
+            macs += hw * c_in * c_out  # 1x1 projection shortcut
         c_in = c_out
     return macs + c_in * num_classes
 
 
 def mixture_flop(cfg: BenchConfig) -> float:
     """FLOPs of one mixture forward per image: E experts + the router MLP (2 FLOPs per MAC)."""
-    sizes = (3 * 32 * 32, *cfg.router_hidden, cfg.n_experts)
+    c, h, w = cfg.input_shape
+    sizes = (c * h * w, *cfg.router_hidden, cfg.n_experts)
     router = sum(a * b for a, b in zip(sizes, sizes[1:]))
-    return 2.0 * (cfg.n_experts * resnet18_macs(cfg.width, cfg.num_classes) + router)
+    return 2.0 * (cfg.n_experts * resnet18_macs(cfg.width, cfg.num_classes, cfg.input_shape)
+                  + router)
 
 
 def forwards_per_image(step: str, pgd_steps: float) -> float:
@@ -205,9 +214,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
     """Hours of the paper's pipeline at the measured FLOP/s: expert pretraining at one expert's
     rates (its SGD steps at expert_clean's, its attack iterations at expert_pgd's), the joint
-    epochs at the mixture's joint step's.
+    epochs at the mixture's joint step's. FLOPs at cfg's sizes (the caller passes CIFAR's).
     """
-    p, f1 = PAPER, 2.0 * resnet18_macs(cfg.width, cfg.num_classes)  # one expert forward
+    p = PAPER
+    f1 = 2.0 * resnet18_macs(cfg.width, cfg.num_classes, cfg.input_shape)  # one expert forward
     per_image = p["images"] * p["expert_epochs"] * f1
     n_experts = p["n_benign"] + p["n_fgsm"] + p["n_pgd"]
     train = n_experts * 3.0 * per_image
@@ -224,13 +234,16 @@ def project_hours(rates: dict[str, float], cfg: BenchConfig) -> float:
 def run(device: torch.device, cfg: BenchConfig, seed: int = 0) -> dict[str, Any]:
     """Benchmark both paths; returns the dict written to metrics/bench.json."""
     torch.manual_seed(seed)
-    arch = {"num_classes": cfg.num_classes, "width": cfg.width, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    c = cfg.input_shape[0]
+    arch = {"num_classes": cfg.num_classes, "width": cfg.width, "mean": (0.5,) * c,
+            "std": (0.25,) * c, "in_channels": c}
     model = models.build("softmoe", n_experts=cfg.n_experts, expert=arch,
-                         router_hidden=cfg.router_hidden).to(device)
+                         router_hidden=cfg.router_hidden, input_shape=cfg.input_shape).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # tiny lr: weights barely move
-    x = torch.rand(cfg.batch, 3, 32, 32, device=device)
+    x = torch.rand(cfg.batch, *cfg.input_shape, device=device)
+    flop, expert_flop = mixture_flop(cfg), 2.0 * resnet18_macs(cfg.width, cfg.num_classes,
+                                                               cfg.input_shape)
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
-    flop, expert_flop = mixture_flop(cfg), 2.0 * resnet18_macs(cfg.width, cfg.num_classes)
     steps: dict[str, dict[str, Any]] = {}
     for path in ("reference", "optimized") if cfg.reference else ("optimized",):
         optimized = path == "optimized"
@@ -266,8 +279,8 @@ def _device_rates(device: torch.device, steps: dict, cfg: BenchConfig) -> dict[s
             precision = cfg.precision if path == "optimized" else "fp32"
             r["fraction_of_matmul"] = r["flop_per_s"] / peak[precision]  # of its own precision
             r["fraction_of_bf16_matmul"] = r["flop_per_s"] / peak["bf16"]
-    # the paper's width for the projection: FLOP/s measured at this run's sizes
-    paper = dataclasses.replace(cfg, width=64)
+    # the paper's width and CIFAR's images for the projection: FLOP/s measured at this run's sizes
+    paper = dataclasses.replace(cfg, width=64, input_shape=(3, 32, 32))
     hours = {path: project_hours({n: s[path]["flop_per_s"] for n, s in steps.items() if path in s}, paper)
              for path in ("reference", "optimized") if path in steps["pgd"]}
     return {"matmul_flop_per_s": peak, "projected_hours": hours}

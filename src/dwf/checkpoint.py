@@ -2,13 +2,21 @@
 
 A checkpoint is a plain dict of tensors and primitive values: the weights, the architecture
 name and arguments to rebuild the model, the resolved config, training state for resume, and
-versions. It is written to a temporary file and renamed into place, and read only with
-`torch.load(weights_only=True)`, so a file from an untrusted remote cannot run code.
+the versions of dwf and torch. It holds nothing else (no wall-clock times, no machine), so
+the same inputs give the same bytes: DVC sees a rebuilt checkpoint as unchanged. It is written
+to a temporary file and renamed into place, and read only with
+`torch.load(weights_only=True)`, so a file from an untrusted remote cannot run code; its
+architecture arguments, tensors and their finiteness are checked before any model is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import math
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +34,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe or inconsistent; names the file."""
 
 
+def versions() -> dict[str, str]:
+    """The versions a checkpoint records: the same in every run of one installation."""
+    return {"dwf": __version__, "torch": str(torch.__version__)}  # TorchVersion: not a safe global
+
+
 def environment() -> dict[str, Any]:
-    """Versions and device facts recorded in checkpoints and metrics."""
+    """Versions and device facts of this machine, for metrics files (never in checkpoints)."""
     cuda = torch.cuda.is_available()
     return {
-        "dwf": __version__,
-        "torch": str(torch.__version__),  # TorchVersion is not a safe global
+        **versions(),
         "python": platform.python_version(),
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
@@ -41,7 +53,7 @@ def environment() -> dict[str, Any]:
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint dict atomically (adds format tag and versions)."""
-    payload = {"format": FORMAT, "versions": environment(), **payload}
+    payload = {"format": FORMAT, "versions": versions(), **payload}
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ValueError(f"checkpoint payload lacks {missing}")
@@ -50,13 +62,24 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate a checkpoint dict without executing any pickled code."""
+    return read(path)[0]
+
+
+def read(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read and validate a checkpoint dict, and the sha256 of the very bytes it was loaded from.
+
+    Returns:
+        (checkpoint, sha256 hex digest of the file).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        blob = path.read_bytes()  # hash and load one buffer: the file may change in between
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    try:
+        ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated zip, not a torch file ...
-        raise CheckpointError(f"{path}: not a loadable dwf checkpoint ({_reason(e)})") from None
+        raise CheckpointError(f"{path}: {_reason(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dwf checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ckpt]
@@ -64,25 +87,115 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if ckpt["arch"] not in models.ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r}")
-    return ckpt
+    check_arch_kwargs(ckpt["arch_kwargs"], path)
+    _check_weights(ckpt["state_dict"], path)
+    return ckpt, hashlib.sha256(blob).hexdigest()
+
+
+# torch's safe unpickler names what it refused on one of many lines of advice (which suggests
+# turning the safety off); keep only that cause: "unsupported GLOBAL posix.system ..."
+_REFUSED = re.compile(r"unsupported (?:global|operand|class)\b[^\n]*", re.IGNORECASE)
 
 
 def _reason(e: Exception) -> str:
-    """The informative line of torch.load's error (it buries the cause under advice)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Unsupported global" in ln or "WeightsUnpickler error" in ln:
-            return ln.split("Please use")[0].strip()[:200] + " - refused, nothing was executed"
-    return (lines[0] if lines else type(e).__name__)[:200]
+    """Why torch.load failed, in one line that never advises loading unsafely."""
+    text = str(e)
+    refused = _REFUSED.search(text)
+    if refused or "weights only load failed" in text.lower():
+        cause = re.split(r"\.\s*Please use", refused.group(0))[0] if refused else "not plain data"
+        return (f"refused: it needs more than tensors and plain values to load "
+                f"({cause.strip()[:200]}); nothing in it was executed")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"not a loadable dwf checkpoint ({(lines[0] if lines else type(e).__name__)[:200]})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowed:
+    """What one architecture argument may hold: a number in [low, high] ((low, high] if
+    open_low), an integer unless `integer` is False; or a sequence of length[0]..length[1]."""
+
+    low: float
+    high: float
+    integer: bool = True
+    length: tuple[int, int] | None = None
+    open_low: bool = False
+
+    def __call__(self, value: Any) -> bool:
+        if self.length is None:
+            return self._number(value)
+        return (isinstance(value, (list, tuple)) and self.length[0] <= len(value) <= self.length[1]
+                and all(map(self._number, value)))
+
+    def _number(self, v: Any) -> bool:
+        kinds = (int,) if self.integer else (int, float)  # type(), not isinstance: no bools
+        return (type(v) in kinds and math.isfinite(v) and v <= self.high
+                and (v > self.low if self.open_low else v >= self.low))
+
+    def __str__(self) -> str:
+        bounds = f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
+        what = "integer" if self.integer else "number"
+        if self.length is None:
+            return f"an {what} in {bounds}" if self.integer else f"a {what} in {bounds}"
+        return f"{self.length[0]}..{self.length[1]} {what}s in {bounds}"
+
+
+# What a checkpoint's architecture arguments may hold: outside these ranges a file is corrupt
+# or hostile, refused before its numbers size an allocation (width 10^7 would ask for terabytes).
+# Paper sizes: 10 classes, width 64, 9 experts, router 1024-512-128, 3x32x32 images.
+ARCH_KWARGS: dict[str, Allowed] = {
+    "num_classes": Allowed(1, 100_000),
+    "width": Allowed(1, 1024),
+    "in_channels": Allowed(1, 16),
+    "n_experts": Allowed(1, 64),
+    "n_submodels": Allowed(1, 64),
+    "router_width": Allowed(1, 1024),
+    "router_blocks": Allowed(1, 64),
+    "router_hidden": Allowed(1, 65_536, length=(1, 16)),
+    "input_shape": Allowed(1, 4096, length=(3, 3)),
+    "mean": Allowed(0, 1, integer=False, length=(1, 16)),  # one per channel, [0, 1] pixel units
+    "std": Allowed(0, 1, integer=False, length=(1, 16), open_low=True),
+    "ratio": Allowed(0, 1, integer=False, open_low=True),
+}
+
+
+def check_arch_kwargs(kwargs: Any, path: str | Path, where: str = "arch_kwargs") -> None:
+    """Refuse architecture arguments of a wrong type or outside ARCH_KWARGS's ranges.
+
+    Args:
+        kwargs: a checkpoint's arch_kwargs (a mixture's holds its expert's as a nested dict).
+        path: the file, for the message.
+    """
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: {where} is not a dict")
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            check_arch_kwargs(value, path, f"{where}.{key}")
+        elif key in ARCH_KWARGS and not ARCH_KWARGS[key](value):
+            raise CheckpointError(f"{path}: {where}.{key} = {str(value)[:50]} is not "
+                                  f"{ARCH_KWARGS[key]}")
+
+
+def _check_weights(state: Any, path: Path) -> None:
+    """A state dict is a dict of tensors, and every floating-point one is finite."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict is not a dict")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict[{str(name)[:80]!r}] is a "
+                                  f"{type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: weight {name!r} is not finite (NaN or inf)")
 
 
 def model_from(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
-    """Rebuild the model a checkpoint describes, checking every tensor's name and shape first."""
+    """Rebuild the model a checkpoint describes. Every tensor's name and shape is compared
+    with the architecture built on the meta device first, so arguments that disagree with the
+    weights allocate nothing."""
     try:
-        model = models.build(ckpt["arch"], **ckpt["arch_kwargs"])
+        with torch.device("meta"):  # shapes only, no memory
+            expected = models.build(ckpt["arch"], **ckpt["arch_kwargs"]).state_dict()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad architecture arguments ({e})") from None
-    expected = model.state_dict()
     state = ckpt["state_dict"]
     for name, t in expected.items():
         if name not in state:
@@ -93,6 +206,7 @@ def model_from(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Mo
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{path}: unexpected weights {extra[:3]} (wrong architecture?)")
+    model = models.build(ckpt["arch"], **ckpt["arch_kwargs"])
     model.load_state_dict(state)
     return model
 

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="cifar10, svhn or digits")]
-RunOpt = Annotated[int, typer.Option("--run", min=0, help="run index (seeds derive from seed + run)")]
+RunOpt = Annotated[int, typer.Option("--run", min=0, help="run index (seeds derive from the pair (seed, run))")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a value of this dataset's section, e.g. expert.epochs=2")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda if present)")]
@@ -36,15 +36,15 @@ def _fail(message: str) -> None:
 
 def stage(fn):
     """Turn the package's input errors into one line and exit code 2."""
-    from dwf.checkpoint import CheckpointError
-    from dwf.config import ConfigError
+    # ConfigError and CheckpointError are ValueErrors; not importing dwf.checkpoint here keeps
+    # the model code out of stages that do not load models (download, aggregate: their DVC deps)
     from dwf.data import DataError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+        except (DataError, ValueError, FileNotFoundError) as e:
             _fail(str(e))
     return wrapper
 
@@ -56,46 +56,131 @@ def _context(params_path: Path, dataset: str, overrides: list[str] | None, devic
     Under torchrun a training stage (data_parallel) joins the process group and gets its
     rank's device (dwf.distributed); any other stage refuses to run as several processes.
     """
-    import os
+    import torch
 
     from dwf import distributed
-    from dwf.config import ConfigError, load_params
+    from dwf.config import ConfigError, check_name, load_params
     from dwf.runtime import configure_determinism, pick_device
 
+    check_name(dataset, "--dataset")
     params = load_params(params_path, dataset, overrides or [])
     configure_determinism()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not data_parallel:
+    # a CPU sum's order depends on the thread count: take it from params, not the environment
+    torch.set_num_threads(params.cpu_threads)
+    if distributed.world_size() > 1 and not data_parallel:
         raise ConfigError("this stage runs as one process; only training stages run under torchrun")
     _, dev = distributed.init(pick_device(device))
     return params, params.profile(dataset), dev
 
 
 def _finish_training(history_path: Path, curve: list[dict], out: Path) -> None:
-    """Write the training curve and say so: on the main process only (dwf.distributed)."""
-    from dwf import distributed
+    """Write the training curve, and under logs/timing/ the wall-clock seconds of each epoch and
+    the machine, which the checkpoint and the curve leave out to stay byte-identical across
+    reruns; then say so. On the main process only (dwf.distributed)."""
+    from dwf import distributed, paths
+    from dwf.checkpoint import environment
 
     if distributed.world().main:
         _write_history(history_path, curve)
+        _write_json(paths.timing(history_path), {
+            "environment": environment(), "seconds": [h["seconds"] for h in curve]})
         typer.echo(f"wrote {out}")
 
 
 def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     from dwf.fileio import atomic_write
 
-    text = json.dumps(obj, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
     """The training curve as a DVC plot; wall times left out so reruns are byte-identical."""
-    _write_json(path, [{k: v for k, v in h.items() if k != "seconds"} for h in history])
+    from dwf.train import without_timings
+
+    _write_json(path, without_timings(history))
+
+
+def _outputs(named: dict[str, Optional[Path]], pipeline: list[Path], beside: list[str], *,
+             inputs: list[Optional[Path]], adhoc: Optional[Path] = None) -> list[Path]:
+    """Where a command writes: nothing the pipeline owns is written by an ad-hoc command.
+
+    Args:
+        named: the output options as given ({"--out": path or None, ...}), the main one first.
+        pipeline: the paths dvc.yaml declares for them: used when none is named and no input
+            is ad hoc (a companion named without the main output is refused: it would part from
+            the pipeline's main output).
+        beside: per output, the suffix deriving it from the main one (--out x.pt ->
+            x.history.json), or for the main one, from `adhoc` (--checkpoint x.pt -> x.eval.json).
+        inputs: every file or folder the command reads (_refuse_overlap).
+        adhoc: an input named instead of the pipeline's (--checkpoint); outputs go beside it.
+    Returns:
+        the output paths, in the order of `named`.
+    """
+    (flag, main), *companions = named.items()
+    if main is None and adhoc is not None:
+        main = adhoc.with_suffix(beside[0])
+    if main is None:
+        given = [f for f, path in companions if path is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs {flag}: without {flag} this command writes the "
+                             "pipeline's outputs, which go together")
+        outs = list(pipeline)
+    else:
+        outs = [main] + [path or main.with_suffix(s) for (_, path), s in zip(companions, beside[1:])]
+    _refuse_overlap(outs, inputs)
+    return outs
+
+
+def _refuse_overlap(outputs: list[Path], inputs: list[Optional[Path]]) -> None:
+    """No output may be an input, lie inside an input folder, or hold an input (a folder output
+    is replaced whole), and no two outputs may be one file."""
+    import os
+
+    ins = [(i, Path(os.path.abspath(i))) for i in inputs if i is not None]
+    seen: set[Path] = set()
+    for o in outputs:
+        a = Path(os.path.abspath(o))  # symlinks kept: DVC may link an input into its cache
+        for i, b in ins:
+            if a == b or b in a.parents or a in b.parents:
+                raise ValueError(f"output {o} would overwrite {i}, an input of this command; "
+                                 "name another output")
+        if a in seen:
+            raise ValueError(f"{o}: named for two outputs of this command")
+        seen.add(a)
 
 
 def _arch(dataset: str, profile) -> dict:
-    from dwf.data import NUM_CLASSES, mean_std
+    """ResNet-18 arguments of a profile; the input channels come from the data (data.SHAPE),
+    so a checkpoint says what images it takes."""
+    from dwf.data import NUM_CLASSES, SHAPE, mean_std
 
     mean, std = mean_std(dataset, profile.normalization)
-    return {"num_classes": NUM_CLASSES[dataset], "width": profile.width, "mean": mean, "std": std}
+    return {"num_classes": NUM_CLASSES[dataset], "width": profile.width, "mean": mean, "std": std,
+            "in_channels": SHAPE[dataset][0]}
+
+
+@app.command("check-params")
+@stage
+def check_params(params: ParamsOpt = Path("params.yaml"),
+                 out: Annotated[Optional[Path], typer.Option(
+                     help="marker written once every value passes (a DVC dep of every stage)")] = None):
+    """Validate the whole params file, every name a stage's command line carries included.
+
+    dvc.yaml runs this before any other stage: DVC builds each command line from params
+    before `dwf` can refuse a name, so a name that could break out of the shell's quoting
+    must be refused here, by a command whose own line carries no params value.
+    """
+    from dwf.config import load_params
+
+    p = load_params(params)
+    if out is not None:  # constant bytes: a passing check never makes a downstream stage stale
+        _write_text(out, "params checked by `dwf check-params`\n")
+    typer.echo(f"{params}: {len(p.datasets)} datasets, {len(p.runs)} runs, {len(p.experts)} experts, "
+               f"{len(p.baselines)} baselines, {len(p.evaluate_models)} evaluated models: all valid")
 
 
 @app.command()
@@ -103,9 +188,10 @@ def _arch(dataset: str, profile) -> dict:
 def download(dataset: DatasetOpt = "digits", params: ParamsOpt = Path("params.yaml"),
              quiet: QuietOpt = False):
     """Fetch a dataset into data/NAME as uint8 tensors with a checksummed manifest."""
-    from dwf.config import load_params
+    from dwf.config import check_name, load_params
     from dwf.data import download as fetch
 
+    check_name(dataset, "--dataset")
     root = Path(load_params(params).data_root)
     typer.echo(f"{fetch(dataset, root, progress=not quiet)}")
 
@@ -120,21 +206,24 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
                  device: DeviceOpt = None, quiet: QuietOpt = False):
     """Pretrain one expert (Algorithms 1-2) on the training split."""
     from dwf import paths
-    from dwf.config import expert_kind
+    from dwf.config import EXPERT_NAME, check_name, expert_kind
     from dwf.data import load_split
     from dwf.defenses.dwf import train_expert as train
     from dwf.runtime import derive_seed
 
+    check_name(expert, "--expert", EXPERT_NAME)
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if expert not in p.experts:
         _fail(f"--expert: {expert!r} is not in params experts ({', '.join(p.experts)})")
+    out, history = _outputs({"--out": out, "--history": history},
+                            [paths.expert(dataset, run, expert), paths.history(dataset, run, expert)],
+                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset])
     x, y = load_split(dataset, Path(p.data_root), "train")
-    out = out or paths.expert(dataset, run, expert)
     curve = train(expert_kind(expert), x, y, cfg=prof.expert, arch_kwargs=_arch(dataset, prof),
-                  dataset=dataset, seed=derive_seed(p.seed + run, dataset, "expert", expert),
+                  dataset=dataset, seed=derive_seed(p.seed, run, dataset, "expert", expert),
                   flip=prof.flip, crop_padding=prof.crop_padding, out=out, device=dev,
                   progress=not quiet)
-    _finish_training(history or paths.history(dataset, run, expert), curve, out)
+    _finish_training(history, curve, out)
 
 
 @app.command("train-joint")
@@ -154,12 +243,17 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     folder = experts_dir or paths.expert(dataset, run, "benign").parent
     experts = [folder / f"{name}.pt" for name in p.experts]
+    out, history = _outputs({"--out": out, "--history": history},
+                            [paths.model(dataset, run, "dwf"), paths.history(dataset, run, "dwf")],
+                            [".pt", ".history.json"],
+                            inputs=[params, Path(p.data_root) / dataset, *experts])
+    if paths.project_root(out) != Path.cwd():  # kept in the mixture for transfer attacks:
+        experts = [e.absolute() for e in experts]  # relative to its project root, or absolute
     x, y = load_split(dataset, Path(p.data_root), "train")
-    out = out or paths.model(dataset, run, "dwf")
     curve = train(experts, x, y, cfg=prof.joint, router_hidden=prof.router_hidden, dataset=dataset,
-                  seed=derive_seed(p.seed + run, dataset, "joint"), flip=prof.flip,
+                  seed=derive_seed(p.seed, run, dataset, "joint"), flip=prof.flip,
                   crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
-    _finish_training(history or paths.history(dataset, run, "dwf"), curve, out)
+    _finish_training(history, curve, out)
 
 
 @app.command()
@@ -173,20 +267,24 @@ def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet1
           device: DeviceOpt = None, quiet: QuietOpt = False):
     """Train one system the paper compares against, with its settings (baselines.NAME)."""
     from dwf import paths
+    from dwf.config import check_name
     from dwf.data import load_split
     from dwf.defenses import DEFENSES, train_defense
     from dwf.runtime import derive_seed
 
+    check_name(defense, "--defense")
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if defense not in DEFENSES:
         _fail(f"--defense: {defense!r} is not one of {', '.join(DEFENSES)}")
     cfg = prof.baselines.get(defense)
+    out, history = _outputs({"--out": out, "--history": history},
+                            [paths.model(dataset, run, defense), paths.history(dataset, run, defense)],
+                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset])
     x, y = load_split(dataset, Path(p.data_root), "train")
-    out = out or paths.model(dataset, run, defense)
     curve = train_defense(defense, x, y, cfg=cfg, arch_kwargs=_arch(dataset, prof), dataset=dataset,
-                          seed=derive_seed(p.seed + run, dataset, "defense", defense), flip=prof.flip,
+                          seed=derive_seed(p.seed, run, dataset, "defense", defense), flip=prof.flip,
                           crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
-    _finish_training(history or paths.history(dataset, run, defense), curve, out)
+    _finish_training(history, curve, out)
 
 
 @app.command()
@@ -204,55 +302,78 @@ def evaluate(model_name: Annotated[str, typer.Option(
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
              device: DeviceOpt = None, quiet: QuietOpt = False):
     """Run the paper's attack protocol (Table 4), the stronger attacks, AutoAttack and the audit
-    (as params switch on) and write a metrics file. An interrupted run resumes (OUT.resume/)."""
+    (as params switch on) and write a metrics file (numbers DVC shows) and its details file
+    beside it (dwf.metricsfile). Without --out: the pipeline's path, or with --checkpoint, beside
+    the checkpoint (X.eval.json). An interrupted run resumes (OUT.resume/)."""
     from dwf import paths
     from dwf.checkpoint import load_model
+    from dwf.config import MODEL_NAME, check_name
     from dwf.data import load_split
     from dwf.defenses.external import load_external
     from dwf.evaluate import evaluate as run_protocol
+    from dwf.metricsfile import details_path, split
     from dwf.runtime import derive_seed
 
+    check_name(model_name, "--model", MODEL_NAME)
     p, prof, dev = _context(params, dataset, set_, device)
-    if external and model_name == "dwf":  # never overwrite the mixture's metrics
-        model_name = "external_" + external.replace(":", "_")
-    out = out or paths.evaluation(dataset, run, model_name)
-    if external:
+    if external:  # never the metrics of a pipeline model
         if weights is None or checkpoint is not None:
             _fail("--external needs --weights (a state dict file) and no --checkpoint")
+        model_name = "external_" + external.replace(":", "_")
+    adhoc = checkpoint
+    checkpoint = weights if external else checkpoint or paths.model(dataset, run, model_name)
+    sources = {}  # transfer attacks are part of the strong suite
+    if prof.evaluate.strong:
+        sources = _transfer_sources(None if external else checkpoint, surrogate or [])
+    inputs = [params, Path(p.data_root) / dataset, checkpoint, *sources.values()]
+    (out,) = _outputs({"--out": out}, [paths.evaluation(dataset, run, model_name)], [".eval.json"],
+                      inputs=inputs, adhoc=adhoc)
+    state = out.with_name(out.name + ".resume")  # per-batch results while it runs (git-ignored)
+    _refuse_overlap([details_path(out), state], inputs)
+    if external:
         arch = _arch(dataset, prof)
         model = load_external(external, weights, num_classes=arch["num_classes"], mean=arch["mean"],
                               std=arch["std"], device=dev)
-        checkpoint = weights
     else:
-        checkpoint = checkpoint or paths.model(dataset, run, model_name)
         model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
-    state = out.with_name(out.name + ".resume")  # per-batch results while it runs (git-ignored)
-    metrics = run_protocol(model, x, y, cfg=prof.evaluate, seed=derive_seed(p.seed + run, dataset, "evaluate"),
+    metrics = run_protocol(model, x, y, cfg=prof.evaluate, seed=derive_seed(p.seed, run, dataset, "evaluate"),
                            device=dev, progress=not quiet, state=state,
-                           sources=_transfer_sources(checkpoint, surrogate or [], dev, dataset))
+                           sources={k: load_model(f, dev, dataset=dataset) for k, f in sources.items()})
     metrics["checkpoint"] = str(checkpoint)
     if external:
         metrics["external"] = external
-    _write_json(out, metrics)
+    headline, details = split(metrics)
+    _write_json(details_path(out), details)  # first: a headline file always has its details
+    _write_json(out, headline)
     shutil.rmtree(state, ignore_errors=True)
     failed = [k for k, c in metrics.get("audit", {}).items() if not c["pass"]]
     typer.echo(f"wrote {out}: clean {metrics['clean']:.2f}%, worst case {metrics['worst_case']:.2f}%"
                + (f"; audit failed: {', '.join(failed)}" if failed else ""))
 
 
-def _transfer_sources(checkpoint: Path, surrogates: list[Path], device, dataset: str) -> dict:
-    """Models to transfer attacks from: the --surrogate checkpoints and, for a mixture, its
-    pretrained experts where their files exist (the joint stage changed the experts inside it)."""
-    from dwf.checkpoint import CheckpointError, load, load_model
+def _transfer_sources(checkpoint: Optional[Path], surrogates: list[Path]) -> dict[str, Path]:
+    """Checkpoints to transfer attacks from: the --surrogate ones and, for a mixture, its
+    pretrained experts (the joint stage changed the experts inside it).
 
-    try:
-        experts = [Path(e) for e in load(checkpoint).get("experts", [])]
-    except CheckpointError:  # an external model's weights: no dwf metadata
-        experts = []
-    paths = {f"surrogate_{Path(s).stem}": Path(s) for s in surrogates}
-    paths |= {f"pretrained_{e.stem}": e for e in experts if e.is_file()}
-    return {name: load_model(path, device, dataset=dataset) for name, path in paths.items()}
+    The mixture names its experts relative to its project root (<root>/models/<d>/run<r>/dwf.pt,
+    dwf.paths.project_root) or absolutely, so every working directory gets the same attacks; a
+    missing one is an error, never a silent skip.
+    """
+    from dwf import paths
+    from dwf.checkpoint import load
+
+    sources = {f"surrogate_{s.stem}": s for s in surrogates}
+    named = [Path(e) for e in load(checkpoint).get("experts", [])] if checkpoint is not None else []
+    root = paths.project_root(checkpoint) if checkpoint is not None else None
+    if any(not e.is_absolute() for e in named) and root is None:
+        raise ValueError(f"{checkpoint}: names its experts relative to a project, but lies outside "
+                         "<root>/models/<dataset>/run<r>/; evaluate it there")
+    sources |= {f"pretrained_{e.stem}": e if e.is_absolute() else root / e for e in named}
+    for name, path in sources.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: transfer source {name!r} not found")
+    return sources
 
 
 @app.command()
@@ -267,16 +388,20 @@ def audit(model_name: Annotated[str, typer.Option(
     """Check a model and the attacks for gradient masking and bugs (Carlini et al. 2019)."""
     from dwf import paths
     from dwf.checkpoint import load_model
+    from dwf.config import MODEL_NAME, check_name
     from dwf.data import load_split
     from dwf.evaluate import run_audit
     from dwf.runtime import derive_seed
 
+    check_name(model_name, "--model", MODEL_NAME)
     p, prof, dev = _context(params, dataset, set_, device)
     checkpoint = checkpoint or paths.model(dataset, run, model_name)
+    if out is not None:
+        _refuse_overlap([out], [params, Path(p.data_root) / dataset, checkpoint])
     model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
     checks = run_audit(model, x, y, cfg=prof.evaluate, device=dev,
-                       seed=derive_seed(p.seed + run, dataset, "evaluate"))
+                       seed=derive_seed(p.seed, run, dataset, "evaluate"))
     for name, c in checks.items():
         typer.echo(f"{'pass' if c['pass'] else 'FAIL'}  {name}: {json.dumps(c['value'])}")
     if out is not None:
@@ -288,15 +413,19 @@ def audit(model_name: Annotated[str, typer.Option(
 def aggregate(params: ParamsOpt = Path("params.yaml"),
               summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
-    """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper."""
+    """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper.
+    The reports folder and the summary are replaced together or not at all (report.publish)."""
+    from dwf import paths
     from dwf.config import load_params
-    from dwf.report import aggregate as collect, load_runs, table as render, write_reports
+    from dwf.metricsfile import details_path
+    from dwf.report import aggregate as collect, load_runs, publish, table as render
 
     p = load_params(params)
+    runs = [paths.evaluation(d, r, m) for d in p.datasets for r in p.runs for m in p.evaluate_models]
+    _refuse_overlap([summary, reports], [params, *runs, *map(details_path, runs)])
     per_run = load_runs(p.datasets, p.runs, p.evaluate_models)
-    result = collect(per_run)
-    write_reports(result, reports, per_run)
-    _write_json(summary, result)  # environments: in each run's metrics file, where they apply
+    result = collect(per_run)  # numbers only; environments: in each run's details file
+    publish(result, per_run, reports, summary)
     typer.echo(render(result, "table2") + "\n" + render(result, "table3"))
     typer.echo(f"wrote {summary} and {reports}/")
 
@@ -304,10 +433,12 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
 @app.command()
 @stage
 def table(metrics: Annotated[list[Path], typer.Argument(help="metrics JSON files")]):
-    """Print clean and robust accuracies of metrics files as a Markdown table."""
+    """Print clean and robust accuracies of metrics files (and their details files) as a
+    Markdown table."""
+    from dwf.metricsfile import read
     from dwf.report import accuracy_table
 
-    typer.echo(accuracy_table({m.stem: json.loads(m.read_text()) for m in metrics}))
+    typer.echo(accuracy_table({m.stem: read(m) for m in metrics}))
 
 
 @app.command()

@@ -1,9 +1,11 @@
 """Datasets as uint8 tensors on disk, and whole-batch augmentation on the device.
 
-Every dataset is stored as ``root/<name>/{train,test}.pt`` (a dict ``{"x": uint8 (N, 3, 32, 32),
-"y": int64 (N,)}``) plus ``manifest.json`` with each file's sha256, so a truncated or edited file
-is caught before training on it. CIFAR-10 and SVHN come through torchvision (which checks the
-md5 of the original archives); ``digits`` ships inside scikit-learn and needs no network.
+Every dataset is stored as ``root/<name>/{train,test}.pt`` (a dict ``{"x": uint8 (N, C, H, W),
+"y": int64 (N,)}``, (C, H, W) = ``SHAPE[name]``) plus ``manifest.json`` with each file's sha256,
+so a truncated or edited file is caught before training on it. CIFAR-10 and SVHN come through
+torchvision (which checks the md5 of the original archives); ``digits`` ships inside
+scikit-learn and needs no network. Every dataset keeps its own shape (digits: 1 x 8 x 8, not
+upsampled to look like CIFAR); models take it from ``SHAPE``.
 Images stay uint8 until :func:`to_unit`; normalisation is the model's first layer, not ours.
 """
 
@@ -24,16 +26,19 @@ from dwf.fileio import atomic_write
 
 DATASETS = ("cifar10", "svhn", "digits")
 NUM_CLASSES = {"cifar10": 10, "svhn": 10, "digits": 10}
+# (C, H, W) of the stored images: the one source of every model's input shape.
+SHAPE = {"cifar10": (3, 32, 32), "svhn": (3, 32, 32), "digits": (1, 8, 8)}
 SPLITS = ("train", "test")
 # Horizontal flips change a digit's meaning (SVHN, digits), not an object's class (CIFAR-10).
 FLIP = {"cifar10": True, "svhn": False, "digits": False}
 
-# Per-channel (mean, std) of the train split in [0, 1] units. digits: measured on our 32x32
-# train split (its 3 channels are copies, so the three values agree).
+# Per-channel (mean, std) of the train split in [0, 1] units, one value per channel of SHAPE.
+# digits: measured on our native 1x8x8 train split (1437 images, every pixel; std with 1/N):
+# to_unit(x).mean() = 0.30543, .std(unbiased=False) = 0.37596.
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "digits": ((0.3054, 0.3054, 0.3054), (0.3237, 0.3237, 0.3237)),
+    "digits": ((0.3054,), (0.3760,)),
 }
 # As printed in the paper (sec. 5), which swaps CIFAR-10's and SVHN's statistics. The paper has
 # no digits; it keeps its measured values so a "paper" run of the offline demo still works.
@@ -65,7 +70,7 @@ def mean_std(name: str, source: str = "correct") -> tuple[tuple, tuple]:
         name: dataset name.
         source: "correct" (measured per dataset) or "paper" (as printed, swapped).
     Returns:
-        (mean, std), each a 3-tuple in [0, 1] units.
+        (mean, std), each a tuple of one value per channel (SHAPE[name][0]) in [0, 1] units.
     """
     _check_name(name)
     if source not in _STATS:
@@ -73,7 +78,7 @@ def mean_std(name: str, source: str = "correct") -> tuple[tuple, tuple]:
     return _STATS[source][name]
 
 
-# --- sources: each returns {split: (x uint8 (N, 3, 32, 32), y int64 (N,))} -------------------
+# --- sources: each returns {split: (x uint8 (N, *SHAPE[name]), y int64 (N,))} ---------------
 
 
 @contextlib.contextmanager
@@ -140,10 +145,9 @@ def _fetch_digits(raw: Path, progress: bool) -> dict[str, tuple[torch.Tensor, to
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    img = torch.from_numpy(digits.images).float().unsqueeze(1) * (255 / 16)  # (N, 1, 8, 8), 0..255
-    # Bilinear weights are convex, so the result stays inside 0..255 and rounds safely to uint8.
-    img = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
-    x = img.round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32)
+    # Pixel values 0..16 scaled to 0..255 and rounded: 17 distinct uint8 levels, native 8x8.
+    img = torch.from_numpy(digits.images).float().unsqueeze(1) * (255 / 16)  # (N, 1, 8, 8)
+    x = img.round().to(torch.uint8)
     y = torch.from_numpy(digits.target.astype(np.int64))
     # Fixed, stratified 80/20 split: digits has no official test set.
     idx_train, idx_test = train_test_split(
@@ -157,7 +161,7 @@ _SOURCES: dict[str, tuple[Callable, str]] = {
     "svhn": (_fetch_svhn, "torchvision.datasets.SVHN (train/test, no extra)"),
     "digits": (
         _fetch_digits,
-        "sklearn.datasets.load_digits, 8x8 -> 32x32 bilinear, "
+        "sklearn.datasets.load_digits, native 1x8x8, 0..16 -> 0..255 rounded, "
         "train_test_split(test_size=0.2, random_state=0, stratify=y)",
     ),
 }
@@ -166,30 +170,49 @@ _SOURCES: dict[str, tuple[Callable, str]] = {
 # --- files --------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+# The fields of a manifest's split entry that loading relies on, and their types.
+ENTRY_FIELDS = {"file": str, "sha256": str, "count": int}
 
 
-def _verified_file(name: str, root: Path, split: str) -> tuple[Path, dict]:
-    """Path of a split's file and its manifest entry, after checking its sha256."""
+def _manifest_entry(name: str, manifest: Path, split: str) -> dict:
+    """A split's manifest entry, every field of ENTRY_FIELDS present and of its type."""
+    try:
+        entry = json.loads(manifest.read_text())["splits"][split]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{manifest} is unreadable or lacks split {split!r} ({err!r}); "
+                        f"{_fix(name)}") from err
+    for field, kind in ENTRY_FIELDS.items():
+        if not isinstance(entry, dict) or field not in entry:
+            raise DataError(f"{manifest}: splits.{split} lacks field {field!r}; {_fix(name)}")
+        if not isinstance(entry[field], kind):
+            raise DataError(f"{manifest}: splits.{split}.{field} is not a {kind.__name__}; "
+                            f"{_fix(name)}")
+    if Path(entry["file"]).name != entry["file"]:  # a name in the dataset's folder, no path
+        raise DataError(f"{manifest}: splits.{split}.file {entry['file']!r} is not a file name; "
+                        f"{_fix(name)}")
+    return entry
+
+
+def _verified_file(name: str, root: Path, split: str) -> tuple[Path, dict, bytes]:
+    """Path of a split's file, its manifest entry and its bytes, after checking their sha256.
+
+    The bytes are read once, hashed, and are what the caller loads: a file replaced between a
+    check and a second read cannot slip through.
+    """
     d = Path(root) / name
     manifest = d / "manifest.json"
     if not manifest.is_file():
         raise DataError(f"{manifest} is missing: {name} was never downloaded or its download "
                         f"did not finish; {_fix(name)}")
-    try:
-        entry = json.loads(manifest.read_text())["splits"][split]
-        path, expected = d / entry["file"], entry["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{manifest} is unreadable or lacks split {split!r} ({err!r}); "
-                        f"{_fix(name)}") from err
+    entry = _manifest_entry(name, manifest, split)
+    path = d / entry["file"]
     if not path.is_file():
         raise DataError(f"{path} is missing although {manifest} lists it; {_fix(name)}")
-    if (actual := _sha256(path)) != expected:
+    blob = path.read_bytes()
+    if (actual := hashlib.sha256(blob).hexdigest()) != entry["sha256"]:
         raise DataError(f"{path} is corrupt or was modified: sha256 {actual} does not match "
-                        f"{expected} in {manifest}; {_fix(name)}")
-    return path, entry
+                        f"{entry['sha256']} in {manifest}; {_fix(name)}")
+    return path, entry, blob
 
 
 def _is_complete(name: str, root: Path) -> bool:
@@ -198,16 +221,18 @@ def _is_complete(name: str, root: Path) -> bool:
             _verified_file(name, root, split)
     except DataError:
         return False
-    return True
+    # Written by another source (digits upsampled to 3x32x32 before issue 14): stale, refetch.
+    manifest = json.loads((Path(root) / name / "manifest.json").read_text())
+    return manifest.get("source") == _SOURCES[name][1]
 
 
 def _check_tensors(name: str, where: object, x: object, y: object) -> None:
     ok = (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
-          and x.dtype == torch.uint8 and x.dim() == 4 and tuple(x.shape[1:]) == (3, 32, 32)
+          and x.dtype == torch.uint8 and x.dim() == 4 and tuple(x.shape[1:]) == SHAPE[name]
           and y.dtype == torch.int64 and y.shape == (len(x),))
     if not ok:
-        raise DataError(f"{where} does not hold x uint8 (N, 3, 32, 32) and y int64 (N,); "
-                        f"{_fix(name)}")
+        raise DataError(f"{where} does not hold x uint8 (N, {', '.join(map(str, SHAPE[name]))}) "
+                        f"and y int64 (N,); {_fix(name)}")
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) < NUM_CLASSES[name]:
         raise DataError(f"{where} has labels outside 0..{NUM_CLASSES[name] - 1}; {_fix(name)}")
 
@@ -234,11 +259,14 @@ def download(name: str, root: Path, *, progress: bool = True) -> Path:
     for split, (x, y) in fetch(d / "raw", progress).items():
         _check_tensors(name, f"{source} {split}", x, y)
         path = d / f"{split}.pt"
-        atomic_write(path, lambda f: torch.save({"x": x, "y": y}, f))
+        buffer = io.BytesIO()
+        torch.save({"x": x, "y": y}, buffer)
+        blob = buffer.getvalue()  # the bytes hashed are the bytes written
+        atomic_write(path, lambda f: f.write(blob))
         manifest["splits"][split] = {
             "file": path.name,
             "count": len(y),
-            "sha256": _sha256(path),
+            "sha256": hashlib.sha256(blob).hexdigest(),
             "class_counts": torch.bincount(y, minlength=NUM_CLASSES[name]).tolist(),
         }
         if progress:
@@ -255,15 +283,15 @@ def load_split(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.T
         root: data directory given to :func:`download`.
         split: "train" or "test".
     Returns:
-        (x, y): uint8 (N, 3, 32, 32) and int64 (N,).
+        (x, y): uint8 (N, *SHAPE[name]) and int64 (N,).
     """
     _check_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    path, entry = _verified_file(name, root, split)
+    path, entry, blob = _verified_file(name, root, split)
     try:
-        blob = torch.load(path, weights_only=True)
-        x, y = blob["x"], blob["y"]
+        tensors = torch.load(io.BytesIO(blob), weights_only=True)  # the bytes just verified
+        x, y = tensors["x"], tensors["y"]
     except Exception as err:  # any unpickling failure means the same thing: a bad file
         raise DataError(f"{path} cannot be loaded ({err!r}); {_fix(name)}") from err
     _check_tensors(name, path, x, y)

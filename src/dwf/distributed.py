@@ -81,18 +81,46 @@ def world() -> World:
     return World()
 
 
+def _env_int(name: str, default: int | None, low: int, high: int | None = None) -> int:
+    """An integer torchrun puts in the environment, in low..high-1 (ValueError naming it)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"environment variable {name} is not set although WORLD_SIZE > 1 "
+                             "(start data-parallel training with torchrun)")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer (torchrun "
+                         "sets it; unset WORLD_SIZE to run as one process)") from None
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"environment variable {name}={value} is outside {low}.."
+                         f"{'' if high is None else high - 1}")
+    return value
+
+
+def world_size() -> int:
+    """How many processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1, low=1)
+
+
 def init(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*).
 
     Without torchrun (WORLD_SIZE unset or 1) nothing is initialized. On CUDA each process
-    takes the GPU of its local rank and NCCL; on CPU, gloo.
+    takes the GPU of its local rank and NCCL; on CPU, gloo. The integers torchrun sets are
+    checked before any of them is used (a ValueError naming the variable).
     Returns:
         the World and the device this process trains on.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    size = world_size()
+    if size <= 1:
         return World(), device
+    _env_int("RANK", None, low=0, high=size)  # read again by init_process_group
+    local_rank = _env_int("LOCAL_RANK", 0, low=0, high=size)
     if device.type == "cuda":  # before the group exists, so NCCL binds this process's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

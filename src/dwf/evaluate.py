@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,8 @@ from dwf.checkpoint import environment
 from dwf.fileio import atomic_write
 from dwf.config import EvalConfig
 from dwf.data import to_unit
+from dwf.fingerprint import code_version, tensor_digest
+from dwf.metricsfile import FAMILIES
 from dwf.runtime import derive_seed
 
 # (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
@@ -33,19 +36,24 @@ Flags = dict[str, torch.Tensor]  # attack name -> per-example correctness (bool,
 
 
 def protocol(cfg: EvalConfig) -> dict[str, Attack]:
-    """The paper's attacks (Table 4), named as they appear in the metrics file."""
+    """The paper's attacks (Table 4), named as they appear in the metrics file.
+
+    Every PGD keeps, per example, its best iterate (attacks.pgd keep_best): an iterate that
+    crossed the boundary counts even if a later one crossed back (near ties).
+    """
     eps, alpha = cfg.pgd_eps, cfg.pgd_alpha
     suite: dict[str, Attack] = {}
     for e in cfg.fgsm_eps:
         suite[f"fgsm/{e:g}"] = lambda m, x, y, s, e=e: attacks.fgsm(m, x, y, eps=e)
     # PGD-10..50 as snapshots of one trajectory: the same as separate runs from one start
     suite["pgd"] = lambda m, x, y, s: {f"pgd/{k}": x_k for k, x_k in attacks.pgd_iterates(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.pgd_steps, seed=s).items()}
+        m, x, y, eps=eps, alpha=alpha, steps=cfg.pgd_steps, seed=s, keep_best=True).items()}
     suite[f"pgd{cfg.ms_steps}_ms"] = lambda m, x, y, s: attacks.pgd(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.ms_steps, restarts=cfg.ms_restarts, seed=s)
+        m, x, y, eps=eps, alpha=alpha, steps=cfg.ms_steps, restarts=cfg.ms_restarts, seed=s,
+        keep_best=True)
     # "Adaptive" PGD with EoT = 1 on a deterministic model: PGD through the whole mixture
     suite[f"pgd{cfg.adaptive_steps}_adaptive"] = lambda m, x, y, s: attacks.pgd(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.adaptive_steps, seed=s)
+        m, x, y, eps=eps, alpha=alpha, steps=cfg.adaptive_steps, seed=s, keep_best=True)
     return suite
 
 
@@ -58,11 +66,14 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
 
     Margin-type losses (no softmax saturation); for a mixture, PGD on each expert's own loss and
     the gate attack; transfer: PGD on each source model, replayed on the evaluated one.
+    Attacks on the whole model keep their best iterate; those on another model (an expert, a
+    source) keep the last one, since "best" there would be judged by the wrong classifier.
     """
     kw = {"eps": cfg.pgd_eps, "alpha": cfg.pgd_alpha, "steps": cfg.strong_steps,
           "restarts": cfg.strong_restarts}
     suite: dict[str, Attack] = {
-        f"strong/pgd_{loss}": lambda m, x, y, s, loss=loss: attacks.pgd(m, x, y, **kw, seed=s, loss=loss)
+        f"strong/pgd_{loss}": lambda m, x, y, s, loss=loss: attacks.pgd(
+            m, x, y, **kw, seed=s, loss=loss, keep_best=True)
         for loss in ("dlr", "margin")}
     if is_mixture(model):
         suite["strong/gate"] = lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s)
@@ -84,17 +95,73 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _chunk(state: Path | None, key: str, b: int, compute: Callable[[], Flags]) -> Flags:
-    """Batch b's flags: read back if a run with the same key finished it, else computed and saved."""
-    path = state / f"batch{b:05d}.pt" if state is not None else None
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return saved["flags"]
-    flags = compute()
-    if path is not None:
-        atomic_write(path, lambda f: torch.save({"key": key, "flags": flags}, f))
-    return flags
+class Resume:
+    """Per-batch results of one part of an evaluation, kept in `folder` so a rerun skips them.
+
+    A batch file is reused only if it was saved under the same key (model, data, settings, seed,
+    code) and holds what `valid` accepts; otherwise it is recomputed, said once on stderr.
+
+    Args:
+        folder: where batch files live (None: keep nothing). key: the run's fingerprint.
+        valid: (saved results, batch index) -> whether they have the expected shape.
+    """
+
+    def __init__(self, folder: Path | None, key: str, valid: Callable[[Any, int], bool]):
+        self.folder, self.key, self.valid = folder, key, valid
+        self.said = False
+
+    def get(self, b: int, compute: Callable[[], Any]) -> Any:
+        """Batch b's results: read back if saved under this key, else computed and saved."""
+        path = self.folder / f"batch{b:05d}.pt" if self.folder is not None else None
+        if path is not None and path.is_file():
+            saved, why = self._read(path, b)
+            if why is None:
+                return saved
+            self._say(f"{path}: {why}; recomputing")
+        out = compute()
+        if path is not None:
+            atomic_write(path, lambda f: torch.save({"key": self.key, "flags": out}, f))
+        return out
+
+    def _read(self, path: Path, b: int) -> tuple[Any, str | None]:
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as e:  # truncated, corrupt, or a pickle that needs code to load
+            return None, f"unreadable ({type(e).__name__})"
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None, "left by an evaluation of another model, data, setting or code version"
+        if not self.valid(saved.get("flags"), b):
+            return None, "holds results of an unexpected type or shape"
+        return saved["flags"], None
+
+    def _say(self, line: str) -> None:
+        if not self.said:  # one line per part, not one per batch
+            tqdm.write(line, file=sys.stderr)
+            self.said = True
+
+
+def _flags_of(n: int, batch_size: int) -> Callable[[Any, int], bool]:
+    """Validator of saved batch flags: {attack name: bool tensor of the batch's length}."""
+    def valid(flags: Any, b: int) -> bool:
+        size = min(batch_size, n - b * batch_size)
+        return (isinstance(flags, dict) and bool(flags) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.dtype == torch.bool
+            and v.shape == (size,) for k, v in flags.items()))
+    return valid
+
+
+def _checks(saved: Any, b: int) -> bool:
+    """Validator of saved audit checks: {name: {"pass": bool, "value": ...}}."""
+    return isinstance(saved, dict) and all(
+        isinstance(c, dict) and isinstance(c.get("pass"), bool) for c in saved.values())
+
+
+def _merge(chunks: list[Flags], folder: Path | None) -> Flags:
+    """Batches' flags concatenated; every batch must name the same attacks."""
+    names = set(chunks[0])
+    if any(set(c) != names for c in chunks):
+        raise ValueError(f"{folder}: batches name different attacks; delete the folder to start afresh")
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor, y: torch.Tensor,
@@ -102,7 +169,7 @@ def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor
                   state: Path | None = None, key: str = "") -> Flags:
     """Per-example correctness (bool, (N,)) on clean inputs and under every attack of `suite`.
 
-    With `state`, each finished batch is saved there under `key` and skipped when rerun.
+    With `state`, each finished batch is saved there under `key` and skipped when rerun (Resume).
     """
     n_batches = -(-len(x_u8) // batch_size)
     bar = tqdm(total=n_batches, desc="evaluate", disable=not progress, mininterval=1.0)
@@ -120,12 +187,13 @@ def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor
             bar.set_postfix_str(name, refresh=False)
         return flags
 
+    resume = Resume(state, key, _flags_of(len(x_u8), batch_size))
     chunks = []
     for b in range(n_batches):
-        chunks.append(_chunk(state, key, b, functools.partial(batch, b)))
+        chunks.append(resume.get(b, functools.partial(batch, b)))
         bar.update()
     bar.close()
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    return _merge(chunks, state)
 
 
 def autoattack_flags(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
@@ -140,9 +208,9 @@ def autoattack_flags(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, c
                                    square_queries=cfg.square_queries)
         return {f"autoattack/{k}": v.cpu() for k, v in flags.items()}
 
-    chunks = [_chunk(state, key, b, functools.partial(batch, b))
-              for b in range(-(-len(x_u8) // cfg.batch_size))]
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    resume = Resume(state, key, _flags_of(len(x_u8), cfg.batch_size))
+    chunks = [resume.get(b, functools.partial(batch, b)) for b in range(-(-len(x_u8) // cfg.batch_size))]
+    return _merge(chunks, state)
 
 
 def worst_case(flags: Flags) -> torch.Tensor:
@@ -197,8 +265,38 @@ def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
                        square=square)
 
 
-def _key(model_hash: str, cfg: EvalConfig, seed: int, part: str, names: list[str]) -> str:
-    return json.dumps([model_hash, dataclasses.asdict(cfg), seed, part, names], sort_keys=True)
+def by_family(flags: Flags, eps: float) -> dict[str, float]:
+    """Per attack family (the name before "/": fgsm, pgd, strong, autoattack ...), the percent
+    of examples no attack of the family fooled within the threat model `eps`; clean left out."""
+    families: dict[str, Flags] = {}
+    for name, f in within_budget(flags, eps).items():
+        if name != "clean":
+            families.setdefault(name.partition("/")[0], {})[name] = f
+    return {family: audit.accuracy(worst_case(f)) for family, f in families.items()}
+
+
+def coverage(flags: Flags, n: int) -> dict[str, int]:
+    """Per attack family, on how many of the n evaluated examples it ran: the worst case counts
+    each attack only where it ran (AutoAttack on a first-N subset leaves the rest to the others)."""
+    out: dict[str, int] = {}
+    for name, f in flags.items():
+        family = name.partition("/")[0]
+        out[family] = max(out.get(family, 0), len(f))
+    return {family: min(k, n) for family, k in out.items()}
+
+
+def autoattack_settings(cfg: EvalConfig, n_run: int, n: int) -> dict[str, Any]:
+    """What the AutoAttack entry ran: "standard" only when every setting is the standard
+    version's (5000 Square queries) and it covered every evaluated example."""
+    departs = ([f"square {cfg.square_queries} queries (standard: 5000)"]
+               if cfg.square_queries != 5000 else [])
+    departs += [f"first {n_run} of {n} examples"] if n_run < n else []
+    label = cfg.autoattack_version if not departs else f"custom ({'; '.join(departs)})"
+    return {"n_examples": n_run, "version": label, "square_queries": cfg.square_queries}
+
+
+def _key(prints: list[str], cfg: EvalConfig, seed: int, part: str, names: list[str]) -> str:
+    return json.dumps([prints, dataclasses.asdict(cfg), seed, part, names], sort_keys=True)
 
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
@@ -215,33 +313,37 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
         sources: models to transfer attacks from (name -> model on `device`, eval mode).
         state: folder for per-batch results, so an interrupted run resumes (None: keep nothing).
     Returns:
-        metrics dict: accuracies in percent grouped by attack family, n_examples, the per-example
-        worst case over every attack run, the audit, settings.
+        metrics dict: accuracies in percent grouped by attack family, the worst case of each
+        family (by_family) and over every attack, n_examples, the per-example worst case, the
+        audit, settings. dwf.metricsfile splits it into the headline and details files.
     """
     n = cfg.n_examples or len(x_u8)
     x_u8, y = x_u8[:n], y[:n]
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
-    model_hash = fingerprint(model) if state is not None else ""
+    # what a saved batch must match to be reused: the model, the data, the code it ran
+    prints = [fingerprint(model), tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
+              ] if state is not None else []
     flags = correct_under(model, suite, x_u8, y, batch_size=cfg.batch_size, seed=seed,
                           device=device, progress=progress, state=state and state / "attacks",
-                          key=_key(model_hash, cfg, seed, "attacks", list(suite)))
+                          key=_key(prints, cfg, seed, "attacks", list(suite)))
     if cfg.autoattack:
         n_aa = min(cfg.autoattack_n or n, n)
         flags |= autoattack_flags(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, seed=seed, device=device,
                                   state=state and state / "autoattack",
-                                  key=_key(model_hash, cfg, seed, "autoattack", []))
-    metrics = {"n_examples": n, **summarize(flags, cfg.pgd_eps)}
+                                  key=_key(prints, cfg, seed, "autoattack", []))
+    metrics = {"n_examples": n, **summarize(flags, cfg.pgd_eps), FAMILIES: by_family(flags, cfg.pgd_eps)}
     threat = within_budget(flags, cfg.pgd_eps)
+    metrics["coverage"] = coverage(flags, n)
     if cfg.autoattack:
-        metrics["autoattack"]["n_examples"] = n_aa
+        metrics["autoattack"] |= autoattack_settings(cfg, n_aa, n)
         sub = {k: v[:n_aa] for k, v in threat.items()}
         metrics["autoattack"]["worst_case_all_attacks"] = audit.accuracy(worst_case(sub))
     usage = gate_usage(model, x_u8, device, cfg.batch_size)
     if usage is not None:
         metrics["gate_mean_weight"] = usage
     if cfg.audit:
-        checks = _chunk(state and state / "audit", _key(model_hash, cfg, seed, "audit", []), 0,
-                        lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device))
+        resume = Resume(state and state / "audit", _key(prints, cfg, seed, "audit", []), _checks)
+        checks = resume.get(0, lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device))
         metrics["audit"] = {**checks,
                             "worst_case_reported": audit.worst_case_check(metrics, threat)}
     worst = worst_case(threat)

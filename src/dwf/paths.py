@@ -1,25 +1,68 @@
-"""Where each stage reads and writes. dvc.yaml and the Snakefile spell the same patterns."""
+"""Where each stage reads and writes. dvc.yaml and the Snakefile spell the same patterns.
+
+Every path is built from checked names (config.base: one rule for names), so a pipeline path
+stays inside its output folder whatever a caller passes; only an explicit --out goes elsewhere.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+
+from dwf.config.base import EXPERT_NAME, MODEL_NAME, check, check_name
+
+# `dwf evaluate --external ARCH` writes eval/external_<ARCH with ":" as "_">.json; timm names
+# hold dots (convnext_tiny.fb_in1k), which stay inside one path component
+EXTERNAL_NAME = re.compile(r"external_[a-z0-9_.]{1,64}")
+
+
+def _run_dir(dataset: str, run: int) -> str:
+    check_name(dataset, "dataset")
+    check(isinstance(run, int) and not isinstance(run, bool) and run >= 0, "run",
+          f"an integer >= 0, got {run!r}")
+    return f"{dataset}/run{run}"
 
 
 def model(dataset: str, run: int, name: str) -> Path:
     """Checkpoint of the mixture ('dwf'), a baseline, or an expert named 'experts/<name>'."""
-    return Path(f"models/{dataset}/run{run}/{name}.pt")
+    check_name(name, "model", MODEL_NAME)
+    return Path(f"models/{_run_dir(dataset, run)}/{name}.pt")
 
 
 def expert(dataset: str, run: int, name: str) -> Path:
-    """Checkpoint of a pretrained expert; the joint stage depends on their whole folder."""
+    """Checkpoint of a pretrained expert (a DVC dep of the joint and evaluate stages, file by file)."""
+    check_name(name, "expert", EXPERT_NAME)
     return model(dataset, run, f"experts/{name}")
 
 
 def history(dataset: str, run: int, name: str) -> Path:
-    """Per-epoch training curve (a DVC plot)."""
-    return Path(f"metrics/runs/{dataset}/run{run}/train/{name}.json")
+    """Per-epoch training curve (a DVC plot) of an expert, the mixture or a baseline."""
+    check_name(name, "model")
+    return Path(f"metrics/runs/{_run_dir(dataset, run)}/train/{name}.json")
 
 
 def evaluation(dataset: str, run: int, name: str) -> Path:
-    """Metrics of one evaluated checkpoint."""
-    return Path(f"metrics/runs/{dataset}/run{run}/eval/{name}.json")
+    """Metrics of one evaluated checkpoint: a pipeline model, or an external classifier."""
+    if not (isinstance(name, str) and EXTERNAL_NAME.fullmatch(name)):
+        check_name(name, "model", MODEL_NAME)
+    return Path(f"metrics/runs/{_run_dir(dataset, run)}/eval/{name}.json")
+
+
+def project_root(checkpoint: Path) -> Path | None:
+    """The project a checkpoint at <root>/models/<dataset>/run<r>/<name>.pt belongs to (the
+    folder its pipeline ran in), or None for a checkpoint elsewhere. Symlinks are not followed:
+    DVC may link a checkpoint into its cache."""
+    c = Path(os.path.abspath(checkpoint))
+    layout = len(c.parents) > 3 and c.parents[2].name == "models" and re.fullmatch(r"run\d+", c.parent.name)
+    return c.parents[3] if layout else None
+
+
+def timing(history_path: Path) -> Path:
+    """Wall-clock seconds and machine of a training run: logs/timing/... for a pipeline curve
+    (git-ignored and outside metrics/, so no DVC dep or tracked file changes with the clock),
+    beside the curve as <name>.timing.json for an ad-hoc one."""
+    parts = Path(history_path).parts
+    if len(parts) > 2 and parts[:2] == ("metrics", "runs"):
+        return Path("logs", "timing", *parts[2:])
+    return Path(history_path).with_suffix(".timing.json")

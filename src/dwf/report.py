@@ -1,24 +1,29 @@
 """Aggregation over runs (mean, std, 95% interval) and the paper's tables and figures.
 
-Reads the per-run metrics files the evaluate stage writes and produces:
-metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex} (RA-PGD),
-reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, and reports/comparison.md,
-which sets our numbers beside the paper's printed ones (src/dwf/paper_values.yaml).
+Reads the per-run metrics files the evaluate stage writes (headline and details, dwf.metricsfile)
+and produces: metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
+(RA-PGD), reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, reports/audit.md, and
+reports/comparison.md, which sets our numbers beside the paper's printed ones
+(src/dwf/paper_values.yaml). `publish` writes them all or none.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 from scipy import stats
 
 from dwf import paths
+from dwf.metricsfile import read as read_metrics
 
 LABELS = {
     "dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)", "resnet18": "ResNet-18",
@@ -62,7 +67,7 @@ def load_runs(datasets, runs, models) -> dict[str, dict[str, list[dict[str, Any]
                 path = paths.evaluation(d, r, m)
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: missing; run `dwf evaluate --dataset {d} --run {r} --model {m}`")
-                out.setdefault(d, {}).setdefault(m, []).append(json.loads(path.read_text()))
+                out.setdefault(d, {}).setdefault(m, []).append(read_metrics(path))
     return out
 
 
@@ -220,6 +225,67 @@ def comparison(summary: dict, paper: dict) -> str:
                 lines.append(f"| {LABELS.get(m, m)} | {k} | {_cell(s)} | {p[0]:.2f} | {diff:+.2f} | {flag} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path) -> None:
+    """The reports folder and the summary JSON from one snapshot, all or nothing.
+
+    Everything is rendered into a temporary sibling of `reports` first; only then are the old
+    folder and the new one swapped by renames and the summary renamed into place, so a failure
+    part-way leaves the previous outputs whole.
+    """
+    if reports.exists():
+        _check_replaceable(reports)
+    reports.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{reports.name}.", dir=reports.parent))
+    fd, staged_summary = tempfile.mkstemp(prefix=f".{summary_path.name}.", dir=summary_path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(staged_summary, 0o644)  # mkstemp makes 0600 (0700 for folders); outputs are
+        os.chmod(staged, 0o755)          # shared through DVC
+        write_reports(summary, staged, per_run)
+        _swap(staged, reports, lambda: os.replace(staged_summary, summary_path))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        Path(staged_summary).unlink(missing_ok=True)
+
+
+def _swap(new: Path, old: Path, also: Callable[[], None]) -> None:
+    """Rename `new` into place of folder `old` and call `also()`; on a failure, `old` is back."""
+    backup = old.with_name(f".{old.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)  # left by an aggregate killed mid-swap
+    if old.exists():
+        old.rename(backup)
+    placed = False
+    try:
+        new.rename(old)
+        placed = True
+        also()
+    except BaseException:
+        if placed:
+            shutil.rmtree(old, ignore_errors=True)
+        if backup.exists():
+            backup.rename(old)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace a folder holding anything but reports (a mistyped --reports)."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder; --reports names the reports folder")
+    for f in folder.rglob("*"):
+        rel = f.relative_to(folder)
+        report = rel.parts[0].startswith(".") or f.is_dir() and rel == Path("figures") or (
+            f.suffix in (".md", ".tex") and len(rel.parts) == 1) or (
+            f.suffix == ".png" and rel.parent == Path("figures"))
+        if not report:
+            raise ValueError(f"{folder}: holds {rel}, which aggregate did not write; "
+                             "--reports must name a folder of reports only")
 
 
 def write_reports(summary: dict, out_dir: Path, per_run: dict | None = None) -> list[Path]:

@@ -7,7 +7,9 @@ paper's [clean, FGSM, PGD] triple). A recipe with its own objective (TRADES, SoE
 `Objective` instead, and alternating optimization (ADVMoE's expert and router steps) is a list
 of `Phase`s, each one SGD step per batch on its own parameters. All randomness (data order,
 augmentation, attack draws) comes from one CPU generator whose state is checkpointed, so a
-resumed run is bit-identical.
+resumed run is bit-identical. A resume file is used only by a run with the same inputs: it
+carries their fingerprint (dwf.fingerprint), and one that differs, or whose weights are not
+finite, is set aside with one line saying why.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dwf import checkpoint, distributed
+from dwf import checkpoint, distributed, fingerprint
 from dwf.config import TrainConfig
 from dwf.data import augment, batch_indices, to_unit
 from dwf.runtime import autocast, memory_format
@@ -73,6 +75,12 @@ def crafting(model: nn.Module, bn_mode: str):
         model.train(was_training)
 
 
+def without_timings(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The per-epoch history without wall-clock seconds: the part that is a pure function of
+    the inputs (what a final checkpoint and the training curve keep)."""
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
 def _cosine(total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
@@ -103,7 +111,7 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         y_train: torch.Tensor, *, cfg: TrainConfig, seed: int, flip: bool, crop_padding: int,
         resume_path: Path,
         meta: dict[str, Any], device: torch.device, progress: bool = True,
-        desc: str = "train") -> list[dict[str, float]]:
+        desc: str = "train", inputs: dict[str, str] | None = None) -> list[dict[str, float]]:
     """Train `model` in place with `recipe`; returns per-epoch history.
 
     Args:
@@ -113,15 +121,24 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         cfg: the stage's TrainConfig.
         seed: seeds the generator of data order, augmentation and attack draws.
         flip, crop_padding: augmentation.
-        resume_path: checkpoint written after every epoch and resumed from if present
-            with the same config and meta; removed by the caller when the stage is done.
+        resume_path: checkpoint written after every epoch, resumed from if present and its
+            fingerprint matches this run's; removed by the caller when the stage is done.
         meta: extra fields stored in every checkpoint (arch, arch_kwargs, dataset ...).
+        inputs: sha256 of each file the initial model was built from, by name (the joint
+            stage's experts); part of the resume fingerprint.
+    Returns:
+        per-epoch history (loss, acc, lr and wall-clock seconds).
     """
+    if cfg.batch_size > len(x_train):  # before anything is allocated on the device
+        raise ValueError(f"{desc}: batch_size {cfg.batch_size} is larger than the training data "
+                         f"({len(x_train)} examples): an epoch would have no step")
+    phases = list(recipe) if isinstance(recipe, Sequence) else [Phase(recipe, nn.Module.parameters)]
+    config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
+    run_fingerprint = _fingerprint(config, meta, inputs or {}, x_train, y_train)
     x_train, y_train = x_train.to(device), y_train.to(device)
     layout = memory_format(device, cfg.precision)
     model.to(memory_format=layout)
     rng = torch.Generator().manual_seed(seed)
-    phases = list(recipe) if isinstance(recipe, Sequence) else [Phase(recipe, nn.Module.parameters)]
     world, trained = distributed.world(), model
     if world.size > 1:  # under torchrun: every rank builds the global batch and trains on a shard
         if cfg.batch_size % world.size:
@@ -134,9 +151,8 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
     opt = _optimizer(model, phases, cfg)
     steps_per_epoch = len(batch_indices(len(x_train), cfg.batch_size, shuffle=False, drop_last=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * steps_per_epoch))
-    config = {"train": dataclasses.asdict(cfg), "seed": seed, "flip": flip, "crop_padding": crop_padding}
     history: list[dict[str, float]] = []
-    start = _resume(resume_path, config, model, opt, sched, rng, history)
+    start = _resume(resume_path, run_fingerprint, model, opt, sched, rng, history, world.main)
     if not distributed.same_on_all_ranks(start, world, device):
         raise TrainingError(f"{desc}: the processes resume at different epochs; {resume_path} "
                             "must be on a file system every rank sees")
@@ -191,20 +207,46 @@ def fit(model: nn.Module, recipe: Recipe | Sequence[Phase], x_train: torch.Tenso
         if not world.main:
             continue
         checkpoint.save(resume_path, {
-            **meta, "config": config, "epoch": epoch + 1, "state_dict": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": rng.get_state(), "history": history})
+            **meta, "config": config, "fingerprint": run_fingerprint, "epoch": epoch + 1,
+            "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": rng.get_state(), "history": history})
     return history
 
 
-def _resume(path: Path, config: dict, model: nn.Module, opt, sched, rng: torch.Generator,
-            history: list) -> int:
-    """Restore everything from `path` if it belongs to this run; return the epoch to start at."""
+# The code every training stage runs: the defenses package imports each defense (their
+# recipes) and this module, and through them the models, attacks, data and config.
+STAGE_CODE = ("dwf.defenses",)
+
+
+def _fingerprint(config: dict, meta: dict, inputs: dict[str, str], x_train: torch.Tensor,
+                 y_train: torch.Tensor) -> dict[str, Any]:
+    """Everything a run's result depends on, part by part: its settings (training config,
+    seed, augmentation), the model it builds (meta: architecture and its arguments), the
+    files it starts from, the training data and the code of the modules it runs."""
+    return fingerprint.plain({
+        "settings": config, "model": meta, "inputs": inputs,
+        "data": fingerprint.tensor_digest(x_train, y_train),
+        "code": fingerprint.code_version(*STAGE_CODE)})
+
+
+def _resume(path: Path, expected: dict, model: nn.Module, opt, sched, rng: torch.Generator,
+            history: list, main: bool) -> int:
+    """Restore everything from `path` if it belongs to this run; return the epoch to start at.
+
+    A file from other inputs, or one that cannot be trusted (non-finite weights, corrupt), is
+    set aside by the main process with one line saying why, and training starts afresh.
+    """
     if not path.is_file():
         return 0
-    ckpt = checkpoint.load(path)
-    if ckpt.get("config") != config:
-        tqdm.write(f"{path}: written with other settings; starting afresh", file=sys.stderr)
+    try:
+        ckpt = checkpoint.load(path)
+        differs = fingerprint.difference(ckpt.get("fingerprint"), expected)
+        why = f"its {differs} differs from this run's" if differs else None
+    except checkpoint.CheckpointError as e:
+        why = str(e).removeprefix(f"{path}: ")
+    if why:
+        if main:  # the other ranks see the same file and the same reason
+            fingerprint.set_aside(path, why)
         return 0
     model.load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["optimizer"])

@@ -3,14 +3,14 @@ depends on the parts that change its results (dvc.yaml): base (errors, validatio
 (training sections), evaluate (the evaluation section), params (the file and its loading).
 """
 
-from dwf.config.base import ConfigError
+from dwf.config.base import EXPERT_KINDS, EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check_name
 from dwf.config.evaluate import AUTOATTACK_VERSIONS, EvalConfig
-from dwf.config.params import (DATASETS, EXPERT_KINDS, NORMALIZATIONS, Params, Profile,
-                               expert_kind, load_params, parse_params)
+from dwf.config.params import (DATASETS, NORMALIZATIONS, Params, Profile, expert_kind, load_params,
+                               parse_params)
 from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoEConfig,
                               AdvTrainConfig, Baselines, SoEConfig, TradesConfig, TrainConfig)
 
 __all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
-           "ConfigError", "DATASETS", "EXPERT_KINDS", "EvalConfig", "NORMALIZATIONS", "PRECISIONS",
-           "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig", "TradesConfig", "TrainConfig",
-           "expert_kind", "load_params", "parse_params"]
+           "ConfigError", "DATASETS", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
+           "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig",
+           "TradesConfig", "TrainConfig", "check_name", "expert_kind", "load_params", "parse_params"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dwf.config.base import check, choice, in_unit, nonempty, positive
+from dwf.config.base import (MAX_BATCH, MAX_RESTARTS, MAX_STEPS, at_most, check, choice, in_unit,
+                             nonempty, positive)
+
+MAX_QUERIES = 1_000_000  # Square attack queries (AutoAttack's standard: 5000)
 
 AUTOATTACK_VERSIONS = ("standard", "plus")
 
@@ -40,9 +43,13 @@ class EvalConfig:
         choice(self.autoattack_version, "autoattack_version", AUTOATTACK_VERSIONS)
         positive(self, "batch_size", "ms_steps", "ms_restarts", "adaptive_steps", "strong_steps",
                   "strong_restarts", "square_queries")
+        at_most(self, MAX_BATCH, "batch_size")
+        at_most(self, MAX_STEPS, "ms_steps", "adaptive_steps", "strong_steps")
+        at_most(self, MAX_RESTARTS, "ms_restarts", "strong_restarts")
+        at_most(self, MAX_QUERIES, "square_queries")
         in_unit(self, "pgd_eps", "pgd_alpha")
         nonempty(self, "fgsm_eps", "pgd_steps")
         for e in self.fgsm_eps:
             check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
         for k in self.pgd_steps:
-            check(k >= 1, "pgd_steps", f"values >= 1, got {k}")
+            check(1 <= k <= MAX_STEPS, "pgd_steps", f"values in [1, {MAX_STEPS}], got {k}")

@@ -6,6 +6,7 @@ Epsilons and step sizes may be written as fractions ("8/255"); all are [0, 1] pi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,13 +17,15 @@ from typing import Any
 
 import yaml
 
-from dwf.config.base import ConfigError, check, choice, nonempty, positive
+from dwf.config.base import (EXPERT_NAME, MAX_WIDTH, MODEL_NAME, ConfigError, at_most,
+                             check, check_name, choice, nonempty, positive)
 from dwf.config.evaluate import EvalConfig
 from dwf.config.train import Baselines, TrainConfig
+from dwf.data import SHAPE
 
 DATASETS = ("cifar10", "svhn", "digits")
-EXPERT_KINDS = ("benign", "fgsm", "pgd")
 NORMALIZATIONS = ("correct", "paper")
+MAX_THREADS = 256  # intra-op CPU threads
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,12 @@ class Profile:
 
     def __post_init__(self):
         positive(self, "width")
-        check(self.crop_padding >= 0, "crop_padding", "an integer >= 0")
+        at_most(self, MAX_WIDTH, "width")
+        check(self.crop_padding >= 0, "crop_padding", "an integer >= 0")  # upper bound: Params
         choice(self.normalization, "normalization", NORMALIZATIONS)
         nonempty(self, "router_hidden")
+        for h in self.router_hidden:
+            check(1 <= h <= MAX_WIDTH, "router_hidden", f"values in [1, {MAX_WIDTH}], got {h}")
 
 
 @dataclass(frozen=True)
@@ -58,17 +64,23 @@ class Params:
     baselines: tuple[str, ...] = ()  # systems the pipeline trains per dataset and run (Tables 2-3)
     evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
     data_root: str = "data"
+    # intra-op threads of CPU kernels: a float sum's order, hence a CPU result, depends on it,
+    # so it comes from params, not from OMP_NUM_THREADS or the scheduler (issue 15); absent,
+    # 1 (what every machine has; params.yaml sets 2)
+    cpu_threads: int = 1
 
     def __post_init__(self):
+        check(self.seed >= 0, "seed", f"an integer >= 0, got {self.seed}")  # numpy's SeedSequence
+        check(1 <= self.cpu_threads <= MAX_THREADS, "cpu_threads",
+              f"an integer in [1, {MAX_THREADS}], got {self.cpu_threads}")
         nonempty(self, "runs", "datasets", "experts", "evaluate_models")
         check(all(r >= 0 for r in self.runs) and len(set(self.runs)) == len(self.runs), "runs",
                f"distinct run indices >= 0, got {list(self.runs)}")
-        for d in self.datasets:
+        for d in self.datasets:  # names are checked before anything else reads them
             choice(d, "datasets", DATASETS)
             check(d in self.profiles, "datasets", f"a section '{d}:' for every listed dataset")
         for e in self.experts:
-            check(e.split("_")[0] in EXPERT_KINDS, "experts",
-                   f"names starting with one of {', '.join(EXPERT_KINDS)} (e.g. fgsm_0), got {e!r}")
+            check_name(e, "experts", EXPERT_NAME)
         check(len(set(self.experts)) == len(self.experts), "experts", "unique names")
         known = tuple(f.name for f in dataclasses.fields(Baselines))
         for b in self.baselines:
@@ -77,13 +89,23 @@ class Params:
                 self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
         models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines)
         for m in self.evaluate_models:
+            check_name(m, "evaluate_models", MODEL_NAME)
             choice(m, "evaluate_models", models)
+        for d, prof in self.profiles.items():
+            _check_crop(d, prof.crop_padding)
 
     def profile(self, dataset: str) -> Profile:
         choice(dataset, "dataset", DATASETS)
         if dataset not in self.profiles:
             raise ConfigError(f"dataset: no section '{dataset}:' in params")
         return self.profiles[dataset]
+
+
+def _check_crop(dataset: str, padding: int) -> None:
+    """A random crop keeps at least half the image in each direction: padding <= side / 2."""
+    side = min(SHAPE[dataset][1:])  # pixels
+    check(padding <= side // 2, f"{dataset}.crop_padding",
+          f"an integer in [0, {side // 2}] (half the {side}-pixel image side), got {padding}")
 
 
 def expert_kind(name: str) -> str:
@@ -113,6 +135,9 @@ def load_params(path: str | Path, dataset: str | None = None,
     if overrides:
         if dataset is None or not isinstance(raw, dict) or not isinstance(raw.get(dataset), dict):
             raise ConfigError(f"--set: no section '{dataset}:' in {path} to override")
+        # a copy: YAML merge keys (svhn: <<: *paper) share nested mappings between sections,
+        # and an override of one dataset must not reach another
+        raw[dataset] = copy.deepcopy(raw[dataset])
         for item in overrides:
             _override(raw[dataset], item, dataset)
     return parse_params(raw)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dwf.config.base import ConfigError, check, choice, in_unit, nonempty, positive
+from dwf.config.base import (MAX_BATCH, MAX_EPOCHS, MAX_LOSS_WEIGHT, MAX_LR, MAX_MEMBERS, MAX_STEPS,
+                             MAX_WIDTH, ConfigError, at_most, check, choice, in_unit, nonempty,
+                             positive)
 
 BN_MODES = ("eval", "train")
 ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.md
@@ -34,12 +36,15 @@ class TrainConfig:
 
     def __post_init__(self):
         positive(self, "epochs", "batch_size", "lr")
+        at_most(self, MAX_EPOCHS, "epochs")
+        at_most(self, MAX_BATCH, "batch_size")  # a batch above the training set: train.py says so
+        at_most(self, MAX_LR, "lr")
         in_unit(self, "pgd_eps", "pgd_alpha", "weight_decay", "momentum")
         nonempty(self, "fgsm_eps", "pgd_steps")
         for e in self.fgsm_eps:
             check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
         for s in self.pgd_steps:
-            check(s >= 1, "pgd_steps", f"values >= 1, got {s}")
+            check(1 <= s <= MAX_STEPS, "pgd_steps", f"values in [1, {MAX_STEPS}], got {s}")
         choice(self.attack_bn, "attack_bn", BN_MODES)
         choice(self.precision, "precision", PRECISIONS)
 
@@ -68,7 +73,9 @@ class TradesConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.beta >= 0 and self.start_std >= 0, "beta", "beta >= 0 and start_std >= 0")
+        check(0 <= self.beta <= MAX_LOSS_WEIGHT, "beta",
+              f"a value in [0, {MAX_LOSS_WEIGHT}], got {self.beta}")
+        in_unit(self, "start_std")  # pixel units
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,9 @@ class SoEConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         positive(self, "n_submodels")
-        check(self.confidence_weight >= 0, "confidence_weight", "a value >= 0")
+        at_most(self, MAX_MEMBERS, "n_submodels")
+        check(0 <= self.confidence_weight <= MAX_LOSS_WEIGHT, "confidence_weight",
+              f"a value in [0, {MAX_LOSS_WEIGHT}], got {self.confidence_weight}")
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,13 @@ class ADVMoEConfig(TradesConfig):
     def __post_init__(self):
         super().__post_init__()
         positive(self, "n_experts", "router_lr", "router_width", "router_blocks")
+        at_most(self, MAX_MEMBERS, "n_experts", "router_blocks")
+        at_most(self, MAX_LR, "router_lr")
+        at_most(self, MAX_WIDTH, "router_width")
         check(0 < self.ratio <= 1, "ratio", f"a value in (0, 1], got {self.ratio}")
         choice(self.router_objective, "router_objective", ROUTER_OBJECTIVES)
-        check(self.router_alpha >= 0, "router_alpha", "a value >= 0")
+        check(0 <= self.router_alpha <= MAX_LOSS_WEIGHT, "router_alpha",
+              f"a value in [0, {MAX_LOSS_WEIGHT}], got {self.router_alpha}")
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dwf import attacks, checkpoint, distributed, models
+from dwf import attacks, checkpoint, data, distributed, models
 from dwf.config import TrainConfig
 from dwf.runtime import choice
-from dwf.train import Recipe, crafting, fit
+from dwf.train import Recipe, crafting, fit, without_timings
 
 # ---------------------------------------------------------------- recipes (one batch each)
 
@@ -70,12 +70,16 @@ def resume_path(out: Path) -> Path:
 
 def finish_stage(out: Path, model: nn.Module, meta: dict[str, Any], cfg: TrainConfig, seed: int,
                  history: list) -> None:
-    """Write a finished stage's final checkpoint, then drop its resume file (main process only)."""
+    """Write a finished stage's final checkpoint, then drop its resume file (main process only).
+
+    The checkpoint is a pure function of the stage's inputs (same inputs, same bytes): its
+    history leaves out wall-clock times, which the CLI writes beside the training curve.
+    """
     if not distributed.world().main:
         return
     checkpoint.save(out, {**meta, "state_dict": model.state_dict(), "epoch": cfg.epochs,
                           "config": {"train": dataclasses.asdict(cfg), "seed": seed},
-                          "history": history})
+                          "history": without_timings(history)})
     resume_path(out).unlink(missing_ok=True)
 
 
@@ -107,9 +111,14 @@ def train_expert(kind: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConfi
 
 
 def build_mixture(expert_paths: Sequence[Path], *, router_hidden: Sequence[int], seed: int,
-                  dataset: str) -> tuple[models.SoftMoE, dict[str, Any]]:
-    """The paper's SoftMoE from pretrained experts and a freshly initialized router."""
-    ckpts = [checkpoint.load(p) for p in expert_paths]
+                  dataset: str) -> tuple[models.SoftMoE, dict[str, Any], dict[str, str]]:
+    """The paper's SoftMoE from pretrained experts and a freshly initialized router.
+
+    Returns:
+        the mixture, its architecture arguments, and the sha256 of each expert file by name
+        (of the bytes its weights were loaded from).
+    """
+    ckpts, digests = zip(*(checkpoint.read(p) for p in expert_paths))
     kwargs = ckpts[0]["arch_kwargs"]
     for p, c in zip(expert_paths, ckpts):
         if c["arch"] != "resnet18" or c["arch_kwargs"] != kwargs:
@@ -117,12 +126,12 @@ def build_mixture(expert_paths: Sequence[Path], *, router_hidden: Sequence[int],
         if c.get("dataset") != dataset:
             raise checkpoint.CheckpointError(f"{p}: trained on {c.get('dataset')!r}, not {dataset!r}")
     arch_kwargs = {"n_experts": len(ckpts), "expert": kwargs, "router_hidden": tuple(router_hidden),
-                   "input_shape": (3, 32, 32)}
+                   "input_shape": data.SHAPE[dataset]}
     torch.manual_seed(seed)  # the router's initialization
     moe = models.build("softmoe", **arch_kwargs)
     for expert, p, c in zip(moe.experts, expert_paths, ckpts):
         expert.load_state_dict(checkpoint.model_from(c, p).state_dict())
-    return moe, arch_kwargs
+    return moe, arch_kwargs, {Path(p).name: d for p, d in zip(expert_paths, digests)}
 
 
 def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, *,
@@ -130,13 +139,13 @@ def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, 
                 flip: bool, crop_padding: int, out: Path, device: torch.device,
                 progress: bool = True) -> list[dict]:
     """Alg. 3: the experts, unfrozen, and a fresh router trained end to end on mixed batches."""
-    moe, arch_kwargs = build_mixture(expert_paths, router_hidden=router_hidden, seed=seed,
-                                     dataset=dataset)
+    moe, arch_kwargs, digests = build_mixture(expert_paths, router_hidden=router_hidden,
+                                              seed=seed, dataset=dataset)
     moe = moe.to(device)
     meta = {"arch": "softmoe", "arch_kwargs": arch_kwargs, "dataset": dataset, "defense": "dwf",
             "experts": [str(p) for p in expert_paths]}
     history = fit(moe, joint_batch, x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
-                  device=device, progress=progress, desc=f"{out.stem} (joint)")
+                  device=device, progress=progress, desc=f"{out.stem} (joint)", inputs=digests)
     finish_stage(out, moe, meta, cfg, seed, history)
     return history

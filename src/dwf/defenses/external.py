@@ -49,7 +49,8 @@ class External(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        # public classifiers take 3 channels: grey images (native digits) are copied to all three
+        return self.net(self.normalize(x).expand(-1, 3, -1, -1))
 
 
 def build_external(arch: str, num_classes: int) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dwf.models.resnet import BasicBlock, Normalize, head, stem
+from dwf.models.resnet import BasicBlock, Normalize, check_channels, head, stem
 
 
 def straight_through_gate(scores: torch.Tensor) -> torch.Tensor:
@@ -59,9 +59,9 @@ class MoEBlock(nn.Module):
 class RouterNet(nn.Module):
     """The router: a small CIFAR ResNet (ResNet-20 at width 16, 3 blocks) -> E raw scores."""
 
-    def __init__(self, n_experts: int, width: int = 16, blocks: int = 3):
+    def __init__(self, n_experts: int, width: int = 16, blocks: int = 3, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         layers, c_in = [], width
         for i, c_out in enumerate([width, 2 * width, 4 * width]):
@@ -81,19 +81,20 @@ class ADVMoEResNet18(nn.Module):
     Args:
         n_experts: E experts per MoE layer (official example: 2).
         ratio: expert width / dense width (official example: 0.5); stem and classifier dense.
-        num_classes, width, mean, std: as ResNet18.
+        num_classes, width, mean, std, in_channels: as ResNet18 (the router sees the same image).
         router_width, router_blocks: the router CNN's size.
     """
 
     def __init__(self, n_experts: int = 2, ratio: float = 0.5, num_classes: int = 10,
                  width: int = 64, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  std: tuple[float, ...] = (0.5, 0.5, 0.5), router_width: int = 16,
-                 router_blocks: int = 3):
+                 router_blocks: int = 3, in_channels: int = 3):
         super().__init__()
+        check_channels(mean, std, in_channels)
         self.n_experts = n_experts
         self.normalize = Normalize(mean, std)
-        self.router = RouterNet(n_experts, router_width, router_blocks)
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.router = RouterNet(n_experts, router_width, router_blocks, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         blocks, c_in = [], width
         for i, mult in enumerate([1, 2, 4, 8]):

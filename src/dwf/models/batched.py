@@ -86,13 +86,13 @@ def expert_logits(experts: Sequence[ResNet18], x: torch.Tensor) -> torch.Tensor:
 
     Args:
         experts: ResNet18s of one architecture (check with `batchable`).
-        x: images (N, 3, H, W) in [0, 1].
+        x: images (N, C, H, W) in [0, 1].
     """
     n_exp = len(experts)
-    mean = _cat([f.normalize.mean.flatten() for f in experts]).view(1, -1, 1, 1)  # (1, E*3, 1, 1)
+    mean = _cat([f.normalize.mean.flatten() for f in experts]).view(1, -1, 1, 1)  # (1, E*C, 1, 1)
     std = _cat([f.normalize.std.flatten() for f in experts]).view(1, -1, 1, 1)
     with torch.autocast(x.device.type, enabled=False):  # the stem stays fp32 (resnet.stem)
-        out = (x.float().repeat(1, n_exp, 1, 1) - mean) / std  # (N, E*3, H, W): expert i: block i
+        out = (x.float().repeat(1, n_exp, 1, 1) - mean) / std  # (N, E*C, H, W): expert i: block i
         out = F.relu(_conv_bn([f.conv1 for f in experts], [f.bn1 for f in experts], out))
     for layer in ("layer1", "layer2", "layer3", "layer4"):
         stages = [getattr(f, layer) for f in experts]

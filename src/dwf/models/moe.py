@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from dwf.models import batched
-from dwf.models.resnet import Normalize
+from dwf.models.resnet import Normalize, check_channels
 
 
 class Router(nn.Module):
     """Gate of section 4: flatten -> 1024 -> ReLU -> 512 -> ReLU -> 128 -> ReLU -> n -> softmax.
 
     Args:
-        in_features: flattened input size (3 * 32 * 32).
+        in_features: flattened input size C * H * W (3 * 32 * 32; digits 1 * 8 * 8).
         n_experts: number of gate outputs.
         hidden: hidden layer sizes (the paper's 1024, 512, 128).
     """
@@ -66,19 +66,18 @@ class SoftMoE(nn.Module):
         experts: classifiers taking [0, 1] images and returning (N, C) logits.
         mean, std: statistics for the router's input normalization.
         router_hidden: the router's hidden sizes.
-        input_shape: (C, H, W) of the images.
+        input_shape: (C, H, W) of the images (data.SHAPE): the router flattens C * H * W.
     """
 
     def __init__(self, experts: Sequence[nn.Module], mean: tuple[float, ...], std: tuple[float, ...],
                  router_hidden: Sequence[int] = (1024, 512, 128),
                  input_shape: Sequence[int] = (3, 32, 32)):
         super().__init__()
+        check_channels(mean, std, input_shape[0])
         self.experts = nn.ModuleList(experts)
         self.normalize = Normalize(mean, std)
-        n_in = 1
-        for s in input_shape:
-            n_in *= s
-        self.router = Router(n_in, len(self.experts), router_hidden)
+        c, h, w = input_shape
+        self.router = Router(c * h * w, len(self.experts), router_hidden)
         self.batched = batched.batchable(self.experts)  # plain attributes: not in checkpoints
         self.batching = BATCHING  # where to batch, by device (the shared default; bench overrides)
 

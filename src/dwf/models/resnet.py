@@ -23,9 +23,17 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def check_channels(mean: tuple[float, ...], std: tuple[float, ...], in_channels: int) -> None:
+    """Refuse statistics for another channel count: (1, 3, 1, 1) buffers would silently
+    broadcast a 1-channel image to 3 channels."""
+    if not len(mean) == len(std) == in_channels:
+        raise ValueError(f"mean and std need one value per input channel ({in_channels}), "
+                         f"got {len(mean)} and {len(std)}")
+
+
 def stem(conv: nn.Conv2d, normalize: Normalize, x: torch.Tensor) -> torch.Tensor:
     """conv(normalize(x)) in fp32 even under bf16 autocast: the attacks' input gradient ends
-    here, and a 3-channel convolution gains nothing from bf16."""
+    here, and a 1- or 3-channel convolution gains nothing from bf16."""
     with torch.autocast(x.device.type, enabled=False):
         return conv(normalize(x.float()))
 
@@ -60,17 +68,23 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3x3 stem, no max-pool, stages [2, 2, 2, 2] of widths w, 2w, 4w, 8w.
 
+    Any H x W works: the stages stride 1, 2, 2, 2 (32x32 input: 32, 16, 8, 4; digits' 8x8:
+    8, 4, 2, 1) and the features are a mean over what is left.
+
     Args:
         num_classes: number of logits.
         width: channels of the first stage (64 in the paper; smaller for CPU runs).
         mean, std: per-channel statistics of the dataset, applied inside the model.
+        in_channels: image channels (data.SHAPE; 1 for digits), the stem's input.
     """
 
     def __init__(self, num_classes: int = 10, width: int = 64,
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 in_channels: int = 3):
         super().__init__()
+        check_channels(mean, std, in_channels)
         self.normalize = Normalize(mean, std)
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         widths = [width, 2 * width, 4 * width, 8 * width]
         layers, c_in = [], width

@@ -24,14 +24,15 @@ class SoE(nn.Module):
 
     Args:
         n_submodels: M, the number of sub-models (official code: 3).
-        num_classes, width, mean, std: ResNet18 arguments shared by every sub-model.
+        num_classes, width, mean, std, in_channels: ResNet18 arguments shared by every sub-model.
     """
 
     def __init__(self, n_submodels: int = 3, num_classes: int = 10, width: int = 64,
-                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 in_channels: int = 3):
         super().__init__()
         self.submodels = nn.ModuleList(
-            ResNet18(num_classes, width, mean, std) for _ in range(n_submodels))
+            ResNet18(num_classes, width, mean, std, in_channels) for _ in range(n_submodels))
         self.confidence = nn.ModuleList(nn.Linear(8 * width, 1) for _ in range(n_submodels))
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,173 @@
+"""The metrics files DVC reads, the all-or-nothing aggregate, and one-line errors on corrupt
+metrics (issues 11 and 15), on metrics files written from synthetic per-example results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dwf import evaluate as ev, metricsfile, paths, report
+from test_cli import _ok, _one_line_error, dwf
+from conftest import _tiny_section
+
+EPS = 8 / 255
+# the attack names of the paper's configuration (params.yaml), as the metrics dict spells them
+PAPER_ATTACKS = (["clean"] + [f"fgsm/{e / 100:g}" for e in range(1, 10)]
+                 + [f"pgd/{k}" for k in (10, 20, 30, 40, 50)] + ["pgd100_ms", "pgd100_adaptive"]
+                 + [f"strong/{a}" for a in ("pgd_dlr", "pgd_margin", "gate", "transfer_pretrained_benign")]
+                 + [f"strong/expert_{i}" for i in range(9)]
+                 + [f"autoattack/{a}" for a in ("apgd-ce", "apgd-t", "fab-t", "square")])
+
+
+def synthetic_metrics(seed: int, n: int = 50) -> dict:
+    """A metrics dict as dwf.evaluate.evaluate returns it, from random per-example flags."""
+    gen = torch.Generator().manual_seed(seed)
+    flags = {a: torch.rand(n, generator=gen) < 0.8 for a in PAPER_ATTACKS}
+    worst = ev.worst_case(ev.within_budget(flags, EPS))
+    return {"n_examples": n, **ev.summarize(flags, EPS), metricsfile.FAMILIES: ev.by_family(flags, EPS),
+            "gate_mean_weight": [1 / 9] * 9,
+            "audit": {"in_ball": {"pass": True, "value": 0.0}, "converged": {"pass": False, "value": 2.5}},
+            "per_example": {"worst_case_correct": "".join("1" if v else "0" for v in worst.tolist())},
+            "settings": {"seed": seed, "transfer_sources": ["pretrained_benign"]},
+            "environment": {"torch": torch.__version__}, "checkpoint": "models/x.pt"}
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    headline, details = metricsfile.split(metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(headline))
+    metricsfile.details_path(path).write_text(json.dumps(details))
+
+
+def numbers_only(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(numbers_only(v) for v in obj.values())
+    return isinstance(obj, (int, float)) and not isinstance(obj, bool)
+
+
+MODELS = ["dwf", "experts/benign"]
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch, digits_root):
+    """A project folder with two runs of two models evaluated (synthetic), and its params."""
+    monkeypatch.chdir(tmp_path)
+    raw = {"seed": 0, "runs": [0, 1], "datasets": ["digits"], "data_root": str(digits_root),
+           "experts": ["benign", "pgd_0"], "evaluate_models": MODELS, "digits": _tiny_section()}
+    Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_runs(0)
+    return tmp_path
+
+
+def write_runs(seed: int) -> None:
+    for r in (0, 1):
+        for i, m in enumerate(MODELS):
+            write_metrics(paths.evaluation("digits", r, m), synthetic_metrics(100 * seed + 10 * r + i))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    files = [root / "metrics/summary.json", *(root / "reports").rglob("*")]
+    return {str(f.relative_to(root)): f.read_bytes() for f in files if f.is_file()}
+
+
+# ---------------------------------------------------------------- the two files
+
+
+def test_split_is_flat_numbers_and_join_restores_the_metrics():
+    metrics = synthetic_metrics(0)
+    headline, details = metricsfile.split(metrics)
+    assert numbers_only(headline) and all(not isinstance(v, dict) for v in headline.values())
+    assert set(headline) == {"n_examples", "clean", "fgsm", "pgd", "pgd100_ms", "pgd100_adaptive",
+                             "strong", "autoattack", "worst_case", "audit_failed"}
+    assert headline["audit_failed"] == 1
+    assert headline["worst_case"] <= min(headline[f] for f in ("fgsm", "pgd", "strong", "autoattack"))
+    assert details["per_example"] == metrics["per_example"] and "clean" not in details
+    assert metricsfile.join(headline, details) == metrics
+
+
+def test_family_worst_case_is_per_example_within_the_threat_model():
+    t, f = True, False
+    flags = {"clean": torch.tensor([t, t, t]), "fgsm/0.01": torch.tensor([t, f, t]),
+             "fgsm/0.03": torch.tensor([f, t, t]), "fgsm/0.09": torch.tensor([f, f, f]),
+             "pgd/10": torch.tensor([t, t, f])}
+    fam = ev.by_family(flags, EPS)  # fgsm/0.09 lies outside the 8/255 ball
+    assert fam == {"fgsm": pytest.approx(100 / 3, abs=1e-3), "pgd": pytest.approx(200 / 3, abs=1e-3)}
+
+
+def test_dvc_metrics_show_of_two_models_fits_200_columns(tmp_path):
+    """`dvc metrics show --md` of one dataset's two models in the paper's configuration."""
+    metrics = [str(paths.evaluation("cifar10", 0, m)) for m in ("experts/benign", "resnet18_pgd_at")]
+    for i, m in enumerate(metrics):  # the two longest model names, accuracies of 4 decimals
+        write_metrics(tmp_path / m, synthetic_metrics(i, n=7))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"metrics": metrics}))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([bin_dir / "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    shown = subprocess.run([bin_dir / "dvc", "metrics", "show", "--md"], cwd=tmp_path, check=True,
+                           capture_output=True, text=True).stdout
+    lines = shown.strip().splitlines()
+    assert len(lines) == 4 and "worst_case" in lines[0], shown
+    assert max(map(len, lines)) < 200, shown
+
+
+# ---------------------------------------------------------------- aggregate: all or nothing
+
+
+def test_aggregate_summary_holds_numbers_only(study):
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    summary = json.loads((study / "metrics/summary.json").read_text())
+    assert numbers_only(summary) and summary["digits"]["dwf"]["clean"]["n"] == 2
+    assert "fail" in (study / "reports/audit.md").read_text()  # the audit, from the details
+
+
+def test_aggregate_failing_midway_leaves_old_outputs_whole(study, monkeypatch):
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    before = snapshot(study)
+    write_runs(1)  # other numbers: a partial write would differ from before
+    real, calls = report.figure, []
+
+    def figure_then_fail(*args, **kwargs):
+        if calls:
+            raise ValueError("disk full")
+        calls.append(args)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "figure", figure_then_fail)
+    _one_line_error(dwf("aggregate", "--params", "params.yaml"), "disk full")
+    assert calls  # it failed part-way, after writing tables and one figure
+    assert snapshot(study) == before
+    assert sorted(p.name for p in study.iterdir()) == ["metrics", "params.yaml", "reports"]
+    assert sorted(p.name for p in (study / "metrics").iterdir()) == ["runs", "summary.json"]
+
+    monkeypatch.setattr(report, "figure", real)
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    after = snapshot(study)
+    assert after.keys() == before.keys() and after != before
+
+
+def test_aggregate_refuses_a_reports_folder_it_did_not_write(study):
+    (study / "notes").mkdir()
+    (study / "notes/thesis.txt").write_text("mine")
+    _one_line_error(dwf("aggregate", "--params", "params.yaml", "--reports", "notes"), "thesis.txt")
+    assert (study / "notes/thesis.txt").read_text() == "mine"
+    _one_line_error(dwf("aggregate", "--params", "params.yaml", "--reports", "metrics"), "metrics")
+    assert (study / paths.evaluation("digits", 0, "dwf")).is_file()
+
+
+# ---------------------------------------------------------------- corrupt metrics: one line
+
+
+@pytest.mark.parametrize("damage", ["headline", "details", "typed"])
+def test_corrupt_metrics_file_is_one_line_naming_it(study, damage):
+    path = paths.evaluation("digits", 1, "dwf")
+    broken = metricsfile.details_path(path) if damage == "details" else path
+    typed = '{"n_examples": 40, "clean": "high", "worst_case": 1.0}'
+    broken.write_text(typed if damage == "typed" else '{"clean": 9')
+    for cmd in (["table", str(path)], ["aggregate", "--params", "params.yaml"]):
+        _one_line_error(dwf(*cmd), str(broken))
