@@ -204,3 +204,17 @@ def test_binarized_model_has_its_adversarial_inside_the_ball(data):
     with torch.no_grad():
         assert (probe(target).argmax(1)[valid] == 1).all()
         assert (probe(x).argmax(1)[valid] == 0).all()
+
+
+def test_converged_asks_what_doubled_pgd_fools_beyond_every_attack():
+    ones = torch.ones(200, dtype=torch.bool)
+    base, doubled = ones.clone(), ones.clone()
+    base[:10] = doubled[:14] = False                 # PGD alone gains 2 points with twice the budget
+    suite = ones.clone()
+    suite[:14] = False                                # ... all of them fooled by another attack
+    alone = audit.converged_check(base, doubled, [(100, 1), (200, 2)], None)
+    assert not alone["pass"] and alone["value"] == {"pgd100x1": 95.0, "pgd200x2": 93.0}
+    covered = audit.converged_check(base, doubled, [(100, 1), (200, 2)], suite)
+    assert covered["pass"] and covered["value"]["doubled_pgd_only_pct"] == 0.0
+    suite[13] = True                                  # one the suite missed: 0.5 points, not < 0.5
+    assert not audit.converged_check(base, doubled, [(100, 1), (200, 2)], suite)["pass"]

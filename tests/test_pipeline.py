@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,30 @@ def test_injected_expert_name_runs_no_shell_command(tmp_path, bad):
         r = sh(repo, "dvc", "repro", "--single-item", f"expert@digits-0-{bad}", ok=False)
         assert r.returncode != 0 and "error: --expert: expected a name matching" in r.stdout + r.stderr
         assert not list(repo.rglob("PWNED"))
+
+
+@pytest.mark.slow
+def test_interrupted_exp_run_retrains_nothing_that_finished(tmp_path):
+    """Issue 15: `dvc exp run` stopped part-way (Ctrl-C), then run again, re-runs only what had
+    not finished: per-file expert deps, no DVC .gitignore inside models/ to lose."""
+    repo = project_copy(tmp_path / "p", tiny_digits_params(runs=[0]))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny digits pipeline")
+    first = repo / "models" / "digits" / "run0" / "experts" / "fgsm_0.pt"
+    proc = subprocess.Popen(["dvc", "exp", "run"], cwd=repo, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
+    proc.communicate(timeout=120)
+    lock = repo / "dvc.lock"  # what DVC recorded as finished before the interrupt
+    done = [s for s in yaml.safe_load(lock.read_text())["stages"] if s.startswith("expert@")] if lock.is_file() else []
+    assert done, "no expert stage finished before the interrupt"
+    again = sh(repo, "dvc", "exp", "run").stdout
+    for stage in done:
+        assert f"Running stage '{stage}'" not in again, again[-2000:]
+    assert "Running stage 'joint@digits-0'" in again
+    assert not list((repo / "models").rglob(".gitignore"))

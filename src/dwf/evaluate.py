@@ -172,7 +172,9 @@ def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor
     With `state`, each finished batch is saved there under `key` and skipped when rerun (Resume).
     """
     n_batches = -(-len(x_u8) // batch_size)
-    bar = tqdm(total=n_batches, desc="evaluate", disable=not progress, mininterval=1.0)
+    # one tick per attack and batch: a whole-test-set batch still shows where it is
+    bar = tqdm(total=n_batches * len(suite), desc="evaluate", unit="attack", disable=not progress,
+               mininterval=1.0)
 
     def batch(b: int) -> Flags:
         x = to_unit(x_u8[b * batch_size:(b + 1) * batch_size].to(device))
@@ -180,18 +182,20 @@ def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor
         with torch.no_grad():
             flags = {"clean": (model(x).argmax(1) == yb).cpu()}
         for name, attack in suite.items():
+            bar.set_postfix_str(name)
             x_adv = attack(model, x, yb, derive_seed(seed, name, b))
             for key, xa in (x_adv.items() if isinstance(x_adv, dict) else [(name, x_adv)]):
                 with torch.no_grad():
                     flags[key] = (model(xa).argmax(1) == yb).cpu()
-            bar.set_postfix_str(name, refresh=False)
+            bar.update()
         return flags
 
     resume = Resume(state, key, _flags_of(len(x_u8), batch_size))
     chunks = []
     for b in range(n_batches):
+        before = bar.n
         chunks.append(resume.get(b, functools.partial(batch, b)))
-        bar.update()
+        bar.update(len(suite) - (bar.n - before))  # a resumed batch counts whole
     bar.close()
     return _merge(chunks, state)
 
@@ -256,13 +260,19 @@ def gate_usage(model: nn.Module, x_u8: torch.Tensor, device: torch.device, batch
 
 
 def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
-              seed: int, device: torch.device) -> dict[str, dict]:
-    """The audit (dwf.audit) on the first cfg.audit_n examples, Square with cfg.square_queries."""
+              seed: int, device: torch.device, whitebox: torch.Tensor | None = None
+              ) -> dict[str, dict]:
+    """The audit (dwf.audit) on the first cfg.audit_n examples, Square with cfg.square_queries.
+
+    The audited PGD is the evaluation's (best iterate kept); `whitebox`: per-example correctness
+    under every white-box attack of the evaluation, for the Square check.
+    """
     n = cfg.audit_n or len(x_u8)
     square = functools.partial(adaptive.square, queries=cfg.square_queries,
                                seed=derive_seed(seed, "audit", "square"))
     return audit.audit(model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg=cfg, seed=seed,
-                       square=square)
+                       attack=functools.partial(attacks.pgd, keep_best=True), square=square,
+                       whitebox=whitebox)
 
 
 def by_family(flags: Flags, eps: float) -> dict[str, float]:
@@ -343,7 +353,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
         metrics["gate_mean_weight"] = usage
     if cfg.audit:
         resume = Resume(state and state / "audit", _key(prints, cfg, seed, "audit", []), _checks)
-        checks = resume.get(0, lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device))
+        # Square is judged against every white-box attack (AutoAttack's own Square left out)
+        whitebox = worst_case({k: v for k, v in threat.items() if k != "autoattack/square"})
+        checks = resume.get(0, lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device,
+                                                 whitebox=whitebox))
         metrics["audit"] = {**checks,
                             "worst_case_reported": audit.worst_case_check(metrics, threat)}
     worst = worst_case(threat)
