@@ -187,3 +187,23 @@ def test_checkpoint_round_trip_at_the_dataset_shape(tmp_path, dataset):
     x = torch.rand(4, *shape)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("arch", ["softmoe", "soe", "advmoe_resnet18"])
+def test_every_mixture_exposes_its_experts_and_gate_the_same_way(arch):
+    """DWF, SoE and ADVMoE share one interface, so the mixture-aimed attacks reach all three."""
+    from dwf.config import EvalConfig
+    from dwf.evaluate import is_mixture, strong_suite
+
+    torch.manual_seed(0)
+    model = models.build(arch, **_kwargs(arch, (1, 8, 8))).eval()
+    x = torch.rand(5, 1, 8, 8)
+    assert is_mixture(model) and model.n_experts == 2
+    with torch.no_grad():
+        f = model.expert_logits(x)  # (N, E, C)
+        for i in range(model.n_experts):
+            assert torch.allclose(model.expert(i)(x), f[:, i], atol=1e-5)
+        assert model.gate_weights(x).shape == (5, 2)
+    suite = strong_suite(EvalConfig(pgd_eps=0.2, pgd_alpha=0.05, strong_steps=1), model, {})
+    assert {"strong/gate", "strong/expert_0", "strong/expert_1"} <= set(suite)
+    assert not is_mixture(models.build("resnet18", **_kwargs("resnet18", (1, 8, 8))))

@@ -171,3 +171,29 @@ def test_corrupt_metrics_file_is_one_line_naming_it(study, damage):
     broken.write_text(typed if damage == "typed" else '{"clean": 9')
     for cmd in (["table", str(path)], ["aggregate", "--params", "params.yaml"]):
         _one_line_error(dwf(*cmd), str(broken))
+
+
+def _runs(values: dict[str, list[float]]) -> dict:
+    return {"digits": {m: [{"clean": 90.0 + i, "worst_case": v, "n_examples": 360}
+                           for i, v in enumerate(vs)] for m, vs in values.items()}}
+
+
+def test_paired_comparison_arithmetic_by_hand():
+    from dwf.report import paired
+
+    t = paired([50.0, 52.0, 57.0], [10.0, 11.0, 13.0])  # differences 40, 41, 44: mean 41.6667
+    sd = (((40 - 125 / 3) ** 2 + (41 - 125 / 3) ** 2 + (44 - 125 / 3) ** 2) / 2) ** 0.5
+    assert t["diff"] == pytest.approx(41.6667, abs=1e-4) and t["n"] == 3
+    assert t["ci95"] == pytest.approx(4.302653 * sd / 3 ** 0.5, abs=1e-3)  # t(0.975, 2) = 4.3027
+    assert 0 < t["p"] < 0.001                                           # t = 34.6 on 2 df
+    same = paired([50.0, 51.0], [50.0, 51.0])
+    assert same["diff"] == 0 and same["p"] == 1.0
+
+
+def test_statistics_table_pairs_dwf_with_every_model():
+    from dwf.report import statistics_table
+
+    text = statistics_table(_runs({"dwf": [50.0, 52.0, 57.0], "resnet18": [10.0, 11.0, 13.0]}))
+    dwf_row, resnet_row = [ln for ln in text.splitlines() if ln.startswith("| DWF") or ln.startswith("| ResNet")]
+    assert "| 3 | 360 |" in resnet_row and "+41.67 ± " in resnet_row
+    assert dwf_row.endswith("| - | - | - | - |")  # DWF is not compared with itself

@@ -58,7 +58,9 @@ def protocol(cfg: EvalConfig) -> dict[str, Attack]:
 
 
 def is_mixture(model: nn.Module) -> bool:
-    return hasattr(model, "gate_weights") and hasattr(model, "experts")
+    """A model with experts and a gate, through the one interface DWF, SoE and ADVMoE share:
+    `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`."""
+    return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
 
 
 def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Attack]:
@@ -77,9 +79,9 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
         for loss in ("dlr", "margin")}
     if is_mixture(model):
         suite["strong/gate"] = lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s)
-        for i in range(len(model.experts)):
+        for i in range(model.n_experts):
             suite[f"strong/expert_{i}"] = lambda m, x, y, s, i=i: attacks.pgd(
-                m.experts[i], x, y, **kw, seed=s)
+                m.expert(i), x, y, **kw, seed=s)
     for name, source in sources.items():
         suite[f"strong/transfer_{name}"] = lambda m, x, y, s, f=source: attacks.pgd(
             f, x, y, **kw, seed=s)

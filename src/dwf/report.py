@@ -3,6 +3,7 @@
 Reads the per-run metrics files the evaluate stage writes (headline and details, dwf.metricsfile)
 and produces: metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
 (RA-PGD), reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, reports/audit.md, and
+reports/statistics.md (95% intervals, DWF against every model paired by run), and
 reports/comparison.md, which sets our numbers beside the paper's printed ones
 (src/dwf/paper_values.yaml). `publish` writes them all or none.
 """
@@ -30,7 +31,7 @@ LABELS = {
     "resnet18_fgsm_at": "ResNet-18 (FGSM-AT)", "resnet18_pgd_at": "ResNet-18 (PGD-AT)",
     "trades": "ResNet-18 (TRADES)", "soe": "SoE", "advmoe": "ADVMoE",
 }
-DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (embedded demo)"}
+DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (CPU study)"}
 SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
         "audit", "external"}
 
@@ -107,6 +108,57 @@ def audit_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 def paper_values() -> dict[str, Any]:
     """The paper's printed Tables 2 and 3 (src/dwf/paper_values.yaml)."""
     return yaml.safe_load(resources.files("dwf").joinpath("paper_values.yaml").read_text())
+
+
+PAIRED = ("worst_case", "clean")   # the metrics DWF is compared on, run by run
+
+
+def paired(dwf: list[float], other: list[float]) -> dict[str, float]:
+    """DWF minus another model over the same runs (same seeds, same test images): mean
+    difference, the half-width of its 95% t-interval, and the paired t-test's two-sided p.
+
+    Runs pair up because run r of every model derives its seeds from (seed, r) and is evaluated
+    on the same examples; pairing removes what the runs share (e.g. the data split).
+    """
+    d = np.asarray(dwf, dtype=float) - np.asarray(other, dtype=float)
+    n = len(d)
+    if n < 2:
+        return {"diff": round(float(d.mean()), 4), "ci95": float("nan"), "p": float("nan"), "n": n}
+    std = float(d.std(ddof=1))
+    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    p = float(stats.ttest_rel(dwf, other).pvalue) if std > 0 else (0.0 if d.mean() else 1.0)
+    return {"diff": round(float(d.mean()), 4), "ci95": round(ci, 4), "p": round(p, 6), "n": n}
+
+
+def statistics_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """reports/statistics.md: every model's headline numbers with their 95% intervals and the
+    numbers of runs and examples behind them, and DWF against each model, paired by run."""
+    lines = ["# Statistics over runs", "",
+             "Mean ± std and the 95% t-interval over runs; `n` runs of `examples` test images each.",
+             "DWF − model: the mean of the per-run differences (runs paired: same seeds, same images),",
+             "its 95% interval and the paired t-test's p (two-sided). One run gives no interval.", ""]
+    for d, models in per_run.items():
+        lines += [f"## {DATASET_LABELS.get(d, d)}", "",
+                  "| model | runs | examples | clean | worst case | DWF − model, worst case | p | DWF − model, clean | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        base = models.get("dwf")
+        for m, runs in models.items():
+            cols = [spread([r[k] for r in runs]) for k in ("clean", "worst_case")]
+            cells = [f"{c['mean']:.2f}" if c["n"] < 2 else
+                     f"{c['mean']:.2f} ± {c['std']:.2f} [{c['mean'] - c['ci95']:.2f}, {c['mean'] + c['ci95']:.2f}]"
+                     for c in cols]
+            for k in PAIRED:
+                if base is None or m == "dwf" or len(base) != len(runs):
+                    cells += ["-", "-"]
+                    continue
+                t = paired([r[k] for r in base], [r[k] for r in runs])
+                cells += ([f"{t['diff']:+.2f}", "-"] if t["n"] < 2 else
+                          [f"{t['diff']:+.2f} ± {t['ci95']:.2f}", f"{t['p']:.3g}"])
+            examples = sorted({int(r["n_examples"]) for r in runs})
+            lines.append(f"| {LABELS.get(m, m)} | {len(runs)} | {', '.join(map(str, examples))} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- tables
@@ -307,6 +359,10 @@ def write_reports(summary: dict, out_dir: Path, per_run: dict | None = None) -> 
             p = out_dir / "figures" / f"{fig}_{d}.png"
             figure(summary, d, kind, p)
             written.append(p)
+    if per_run is not None:
+        p = out_dir / "statistics.md"
+        p.write_text(statistics_table(per_run))
+        written.append(p)
     p = out_dir / "comparison.md"
     p.write_text(comparison(summary, paper_values()))
     return written + [p]

@@ -128,6 +128,11 @@ class ADVMoEResNet18(nn.Module):
             out = block(out, gate)
         return head(self.linear, out.mean(dim=(2, 3)))  # fp32 logits
 
+    def expert(self, i: int) -> nn.Module:
+        """Every sample routed through expert i, as a classifier on [0, 1] images (the mixture
+        interface, evaluate): the experts share the stem, the shortcuts and the head."""
+        return ForcedRoute(self, i)
+
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits with every sample forced through expert e, for each e: (N, E, C)."""
         eye = torch.eye(self.n_experts, device=x.device, dtype=x.dtype)
@@ -136,3 +141,17 @@ class ADVMoEResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.routed(x, straight_through_gate(self.router_scores(x)))  # (N, C)
+
+
+class ForcedRoute(nn.Module):
+    """An ADVMoE network with its router replaced by a fixed choice of expert (a view: it shares
+    the network's parameters and follows its train/eval mode)."""
+
+    def __init__(self, moe: ADVMoEResNet18, expert: int):
+        super().__init__()
+        self.moe, self.index = moe, expert
+        self.train(moe.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.one_hot(torch.full((len(x),), self.index, device=x.device), self.moe.n_experts)
+        return self.moe.routed(x, gate.to(x.dtype))  # (N, C)

@@ -89,6 +89,14 @@ class SoftMoE(nn.Module):
         """What a CUDA graph of this model depends on beyond its storage: the path x takes."""
         return bool(self.batched and batch_here(x, self.batching))
 
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def expert(self, i: int) -> nn.Module:
+        """Expert i alone, as a classifier on [0, 1] images (the mixture interface, evaluate)."""
+        return self.experts[i]
+
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's logits f_i(x), shape (N, E, C)."""
         if self.capture_key(x):

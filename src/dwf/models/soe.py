@@ -56,6 +56,14 @@ class SoE(nn.Module):
         # a masked sum, not gather/indexing: its backward is deterministic on CUDA
         return (mask[:, :, None] * logits).sum(1)
 
+    @property
+    def n_experts(self) -> int:
+        return len(self.submodels)
+
+    def expert(self, i: int) -> nn.Module:
+        """Sub-model i alone, as a classifier on [0, 1] images (the mixture interface, evaluate)."""
+        return self.submodels[i]
+
     def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every sub-model's logits, shape (N, M, C)."""
         return self.outputs(x)[0]
