@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -218,3 +219,10 @@ def test_converged_asks_what_doubled_pgd_fools_beyond_every_attack():
     assert covered["pass"] and covered["value"]["doubled_pgd_only_pct"] == 0.0
     suite[13] = True                                  # one the suite missed: 0.5 points, not < 0.5
     assert not audit.converged_check(base, doubled, [(100, 1), (200, 2)], suite)["pass"]
+
+
+def test_binarizing_leaves_the_model_mode_alone(data):
+    model, x, _ = data
+    model = copy.deepcopy(model).train()  # a copy: train-mode forwards move BatchNorm statistics
+    audit.binarize(model, x[:4], EPS, torch.Generator().manual_seed(0))
+    assert all(m.training for m in model.modules())

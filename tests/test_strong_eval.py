@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -99,6 +100,19 @@ def test_corrupt_mistyped_or_stale_resume_batches_are_recomputed(root, plain, tm
     other = ev.evaluate(plain, x[24:], y[24:], **kw)  # other images: the saved batches are stale
     assert "another model, data" in capsys.readouterr().err
     assert other["per_example"] != metrics["per_example"]
+
+
+def test_a_resumed_evaluation_with_other_transfer_weights_is_recomputed(root, plain, tmp_path, capsys):
+    x, y = load_split("digits", root, "test")
+    cfg = dataclasses.replace(CFG, n_examples=16, batch_size=16, autoattack=False, audit=False)
+    kw = dict(cfg=cfg, seed=0, device=CPU, progress=False, state=tmp_path)
+    source = copy.deepcopy(plain)
+    ev.evaluate(plain, x, y, **kw, sources={"s": source})
+    capsys.readouterr()
+    with torch.no_grad():
+        next(source.parameters()).mul_(-1)  # a retrained source under the same name
+    ev.evaluate(plain, x, y, **kw, sources={"s": source})
+    assert "another model, data" in capsys.readouterr().err
 
 
 def test_worst_case_counts_subset_attacks_only_where_they_ran():

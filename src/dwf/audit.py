@@ -269,7 +269,7 @@ class Binarized(nn.Module):
         self.model = model
         self.register_buffer("w", w)  # (N, classes)
         self.register_buffer("b", b)  # (N,)
-        self.eval()
+        # no .eval() here: it would recurse into the audited model, whose mode is the caller's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = (self.model(x) * self.w).sum(1) + self.b  # (N,)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from dwf.checkpoint import environment
 from dwf.fileio import atomic_write
 from dwf.config import EvalConfig
 from dwf.data import to_unit
-from dwf.fingerprint import code_version, tensor_digest
+from dwf.fingerprint import code_version, tensor_digest, weights_digest
 from dwf.metricsfile import FAMILIES
 from dwf.runtime import derive_seed
 
@@ -86,15 +85,6 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
         suite[f"strong/transfer_{name}"] = lambda m, x, y, s, f=source: attacks.pgd(
             f, x, y, **kw, seed=s)
     return suite
-
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the weights: a resumed evaluation must be of the same model."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Resume:
@@ -332,8 +322,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     n = cfg.n_examples or len(x_u8)
     x_u8, y = x_u8[:n], y[:n]
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
-    # what a saved batch must match to be reused: the model, the data, the code it ran
-    prints = [fingerprint(model), tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
+    # what a saved batch must match to be reused: the model, the transfer sources, the data,
+    # the code it ran
+    prints = [weights_digest(model), *(f"{k}:{weights_digest(f)}" for k, f in sorted((sources or {}).items())),
+              tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
               ] if state is not None else []
     flags = correct_under(model, suite, x_u8, y, batch_size=cfg.batch_size, seed=seed,
                           device=device, progress=progress, state=state and state / "attacks",

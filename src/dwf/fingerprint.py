@@ -42,6 +42,11 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (parameters and buffers, in name order): which weights ran."""
+    return tensor_digest(*(t for _, t in sorted(model.state_dict().items())))
+
+
 def _module_file(name: str) -> Path | None:
     """The source file of module `name` if it is one of ours (None for an attribute)."""
     try:
