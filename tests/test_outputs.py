@@ -3,18 +3,22 @@ metrics (issues 11 and 15), on metrics files written from synthetic per-example 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-
-from dwf import evaluate as ev, metricsfile, paths, report
-from test_cli import _ok, _one_line_error, dwf
 from conftest import _tiny_section
+from test_cli import _ok, _one_line_error, dwf
+
+from dwf import adaptive, metricsfile, paths, report
+from dwf import evaluate as ev
+from dwf.config import load_params
 
 EPS = 8 / 255
 # the attack names of the paper's configuration (params.yaml), as the metrics dict spells them
@@ -25,12 +29,27 @@ PAPER_ATTACKS = (["clean"] + [f"fgsm/{e / 100:g}" for e in range(1, 10)]
                  + [f"autoattack/{a}" for a in ("apgd-ce", "apgd-t", "fab-t", "square")])
 
 
+def paper_records() -> dict[str, metricsfile.AttackRecord]:
+    """The records of PAPER_ATTACKS, from the suites of the paper's evaluation settings."""
+    cfg = load_params(Path(__file__).parents[1] / "params.yaml", "cifar10", []).profile("cifar10").evaluate
+    nine = SimpleNamespace(n_experts=9, expert=None, expert_logits=None, gate_weights=None)
+    suite = ev.protocol(cfg) | ev.strong_suite(cfg, nine, {"pretrained_benign": None})
+    aa = adaptive.autoattack_records(eps=cfg.pgd_eps)
+    records = {"clean": ev.CLEAN, **{k: r for e in suite.values() for k, r in e.records.items()},
+               **{f"autoattack/{k}": r for k, r in aa.items()}}
+    assert set(records) == set(PAPER_ATTACKS)
+    return records
+
+
 def synthetic_metrics(seed: int, n: int = 50) -> dict:
     """A metrics dict as dwf.evaluate.evaluate returns it, from random per-example flags."""
     gen = torch.Generator().manual_seed(seed)
     flags = {a: torch.rand(n, generator=gen) < 0.8 for a in PAPER_ATTACKS}
-    worst = ev.worst_case(ev.within_budget(flags, EPS))
-    return {"n_examples": n, **ev.summarize(flags, EPS), metricsfile.FAMILIES: ev.by_family(flags, EPS),
+    records = paper_records()
+    worst = ev.worst_case(ev.within_budget(flags, records, EPS))
+    return {"n_examples": n, **ev.summarize(flags, records, EPS),
+            metricsfile.FAMILIES: ev.by_family(flags, records, EPS),
+            metricsfile.ATTACKS: {k: dataclasses.asdict(r) for k, r in records.items()},
             "gate_mean_weight": [1 / 9] * 9,
             "audit": {"in_ball": {"pass": True, "value": 0.0}, "converged": {"pass": False, "value": 2.5}},
             "per_example": {"worst_case_correct": "".join("1" if v else "0" for v in worst.tolist())},
@@ -83,7 +102,7 @@ def test_split_is_flat_numbers_and_join_restores_the_metrics():
     metrics = synthetic_metrics(0)
     headline, details = metricsfile.split(metrics)
     assert numbers_only(headline) and all(not isinstance(v, dict) for v in headline.values())
-    assert set(headline) == {"n_examples", "clean", "fgsm", "pgd", "pgd100_ms", "pgd100_adaptive",
+    assert set(headline) == {"n_examples", "clean", "fgsm", "pgd", "pgd_ms", "pgd_adaptive",
                              "strong", "autoattack", "worst_case", "audit_failed"}
     assert headline["audit_failed"] == 1
     assert headline["worst_case"] <= min(headline[f] for f in ("fgsm", "pgd", "strong", "autoattack"))
@@ -96,7 +115,7 @@ def test_family_worst_case_is_per_example_within_the_threat_model():
     flags = {"clean": torch.tensor([t, t, t]), "fgsm/0.01": torch.tensor([t, f, t]),
              "fgsm/0.03": torch.tensor([f, t, t]), "fgsm/0.09": torch.tensor([f, f, f]),
              "pgd/10": torch.tensor([t, t, f])}
-    fam = ev.by_family(flags, EPS)  # fgsm/0.09 lies outside the 8/255 ball
+    fam = ev.by_family(flags, paper_records(), EPS)  # fgsm/0.09 lies outside the 8/255 ball
     assert fam == {"fgsm": pytest.approx(100 / 3, abs=1e-3), "pgd": pytest.approx(200 / 3, abs=1e-3)}
 
 
@@ -197,3 +216,25 @@ def test_statistics_table_pairs_dwf_with_every_model():
     dwf_row, resnet_row = [ln for ln in text.splitlines() if ln.startswith("| DWF") or ln.startswith("| ResNet")]
     assert "| 3 | 360 |" in resnet_row and "+41.67 ± " in resnet_row
     assert dwf_row.endswith("| - | - | - | - |")  # DWF is not compared with itself
+
+
+def test_table_columns_come_from_the_attack_records():
+    """Tables 2-3 take their columns and headers from the records (issue 14: attacks described
+    by data): FGSM by eps, then PGD-k by iterations, multi-restart, adaptive, as the paper."""
+    records = paper_records()
+    t2 = report._columns(records, "table2")
+    t3 = report._columns(records, "table3")
+    assert t2 == [("clean", "SA")] + [(f"fgsm/{e / 100:g}", f"FGSM {e / 100:g}") for e in range(1, 10)]
+    assert [h for _, h in t3] == ["PGD-10", "PGD-20", "PGD-30", "PGD-40", "PGD-50", "PGD-100 (MS)",
+                                  "PGD-100 (A)", "worst case"]
+    relabelled = records | {"pgd/10": dataclasses.replace(records["pgd/10"], label="ten", steps=60)}
+    assert [h for _, h in report._columns(relabelled, "table3")][:6] == [
+        "PGD-20", "PGD-30", "PGD-40", "PGD-50", "ten", "PGD-100 (MS)"]
+
+
+def test_a_metrics_file_without_attack_records_is_refused_naming_it(tmp_path):
+    metrics = synthetic_metrics(0)
+    del metrics[metricsfile.ATTACKS]
+    write_metrics(tmp_path / "m.json", metrics)
+    with pytest.raises(ValueError, match=r"m\.details\.json: no attack records"):
+        metricsfile.read(tmp_path / "m.json")

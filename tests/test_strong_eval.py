@@ -7,12 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from _models import EPS, digits_root, first_test_images, mixture, trained
 
-from dwf import adaptive, attacks, evaluate as ev, metricsfile, models
+from dwf import adaptive, attacks, metricsfile, models
+from dwf import evaluate as ev
 from dwf.config import EvalConfig
 from dwf.data import load_split
-
-from _models import EPS, digits_root, first_test_images, mixture, trained
+from dwf.metricsfile import AttackRecord
 
 CFG = EvalConfig(n_examples=24, batch_size=12, fgsm_eps=(EPS,), pgd_eps=EPS, pgd_alpha=EPS / 4,
                  pgd_steps=(4,), ms_steps=4, ms_restarts=1, adaptive_steps=4, strong_steps=8,
@@ -138,5 +139,41 @@ def test_worst_case_is_taken_at_the_threat_model_eps():
     t, f = True, False
     flags = {"clean": torch.tensor([t, t]), "fgsm/0.05": torch.tensor([t, f]),
              "fgsm/0.2": torch.tensor([f, f]), "pgd/10": torch.tensor([t, t])}
-    out = ev.summarize(flags, eps=0.1)
+    records = {"clean": ev.CLEAN, "pgd/10": AttackRecord("pgd", "ce", 0.1, 10, 1, "model", "PGD-10"),
+               **{f"fgsm/{e:g}": AttackRecord("fgsm", "ce", e, 1, 1, "model", "") for e in (0.05, 0.2)}}
+    out = ev.summarize(flags, records, eps=0.1)
     assert out["worst_case"] == 50.0 and out["fgsm"]["0.2"] == 0.0
+
+
+def test_the_budget_and_families_come_from_the_records_not_the_names():
+    """An attack's eps and family are read from its record: a name that says otherwise is
+    ignored (issue 14: attacks described by data)."""
+    t, f = True, False
+    flags = {"clean": torch.tensor([t, t]), "fgsm/0.01": torch.tensor([f, f]),
+             "strong/x": torch.tensor([t, f])}
+    records = {"clean": ev.CLEAN,
+               "fgsm/0.01": AttackRecord("fgsm", "ce", 0.3, 1, 1, "model", "FGSM 0.3"),   # beyond eps
+               "strong/x": AttackRecord("pgd_ms", "dlr", 0.1, 5, 2, "model", "x")}
+    assert ev.summarize(flags, records, eps=0.1)["worst_case"] == 50.0
+    assert ev.by_family(flags, records, eps=0.1) == {"pgd_ms": 50.0}
+    assert ev.coverage(flags, records, 2) == {"clean": 2, "fgsm": 2, "pgd_ms": 2}
+
+
+def test_every_attack_of_the_suites_has_a_record_with_its_real_budget():
+    """The records of the paper's protocol and of the strong suite (a mixture with a transfer
+    source) say what each function runs: family, eps, steps, restarts and target."""
+    cfg = dataclasses.replace(CFG, ms_steps=7, ms_restarts=3, adaptive_steps=6, strong_steps=5,
+                              strong_restarts=2)
+    moe = mixture(*(models.ResNet18(num_classes=10, width=2, in_channels=1, mean=(0.5,), std=(0.5,))
+                    for _ in range(2)))
+    suite = ev.protocol(cfg) | ev.strong_suite(cfg, moe, {"src": moe.expert(0)})
+    records = {k: r for e in suite.values() for k, r in e.records.items()}
+    assert records[f"pgd{7}_ms"] == AttackRecord("pgd_ms", "ce", cfg.pgd_eps, 7, 3, "model", "PGD-7 (MS)")
+    assert records[f"pgd{6}_adaptive"].steps == 6 and records[f"pgd{6}_adaptive"].restarts == 1
+    assert {r.eps for k, r in records.items() if r.family == "fgsm"} == set(cfg.fgsm_eps)
+    assert {k for k, r in records.items() if r.family == "pgd"} == {f"pgd/{k}" for k in cfg.pgd_steps}
+    assert records["strong/gate"].target == "gate"
+    assert records["strong/expert_1"] == AttackRecord("strong", "ce", cfg.pgd_eps, 5, 2, "expert_1", "expert 1")
+    assert records["strong/transfer_src"].target == "transfer:src"
+    aa = adaptive.autoattack_records(eps=0.1, square_queries=300)
+    assert (aa["apgd-t"].restarts, aa["square"].steps, aa["square"].loss) == (9, 300, "square")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dwf.attacks import _check_budget, _pgd_run, cross_entropy, margin, worst_of
+from dwf.metricsfile import AttackRecord
 
 # ---------------------------------------------------------------- attacks aimed at a mixture
 
@@ -104,6 +105,36 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, qu
         return attack.perturb(x, y).detach()
 
 
+def _adversary(model: nn.Module, eps: float, version: str, seed: int, square_queries: int,
+               device: torch.device):
+    from pyautoattack import AutoAttack
+
+    _check_budget(eps)
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
+    adversary.square.n_queries = square_queries
+    return adversary
+
+
+def autoattack_records(*, eps: float, version: str = "standard", square_queries: int = 5000
+                       ) -> dict[str, AttackRecord]:
+    """What `autoattack` runs, read off the official AutoAttack object's own settings.
+
+    Returns:
+        {attack name: record}: losses, iterations (Square: queries) and restarts (targeted
+        attacks: restarts x target classes).
+    """
+    a = _adversary(nn.Identity(), eps, version, 0, square_queries, torch.device("cpu"))
+    runs = {"apgd-ce": ("ce", a.apgd.n_iter, a.apgd.n_restarts),
+            "apgd-dlr": ("dlr", a.apgd.n_iter, a.apgd.n_restarts),
+            "apgd-t": ("dlr_targeted", a.apgd_targeted.n_iter,
+                       a.apgd_targeted.n_restarts * a.apgd_targeted.n_target_classes),
+            "fab": ("fab", a.fab.n_iter, a.fab.n_restarts),
+            "fab-t": ("fab_targeted", a.fab.n_iter, a.fab.n_restarts * a.fab.n_target_classes),
+            "square": ("square", a.square.n_queries, a.square.n_restarts)}
+    return {name: AttackRecord("autoattack", *runs[name][:1], eps, *runs[name][1:], "model",
+                               f"AA {name}") for name in a.attacks_to_run}
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                version: str = "standard", seed: int = 0, square_queries: int = 5000
                ) -> dict[str, torch.Tensor]:
@@ -116,11 +147,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     Returns:
         {attack name: per-example correctness (bool, (N,)) after it and all earlier ones}.
     """
-    from pyautoattack import AutoAttack
-
-    _check_budget(eps)
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=x.device)
-    adversary.square.n_queries = square_queries
+    adversary = _adversary(model, eps, version, seed, square_queries, x.device)
     with torch.no_grad():
         correct = model(x).argmax(1) == y
     out: dict[str, torch.Tensor] = {}

@@ -22,37 +22,57 @@ from tqdm.auto import tqdm
 
 from dwf import adaptive, attacks, audit
 from dwf.checkpoint import environment
-from dwf.fileio import atomic_write
 from dwf.config import EvalConfig
 from dwf.data import to_unit
+from dwf.fileio import atomic_write
 from dwf.fingerprint import code_version, tensor_digest, weights_digest
-from dwf.metricsfile import FAMILIES
+from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord
 from dwf.runtime import derive_seed
 
 # (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor | dict[str, torch.Tensor]]
 Flags = dict[str, torch.Tensor]  # attack name -> per-example correctness (bool, CPU)
+Records = dict[str, AttackRecord]  # attack name -> what the attack is
 
 
-def protocol(cfg: EvalConfig) -> dict[str, Attack]:
-    """The paper's attacks (Table 4), named as they appear in the metrics file.
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One attack run of a suite: the function and the record of each result it yields."""
+    records: Records
+    run: Attack
+
+
+CLEAN = AttackRecord("clean", "none", 0.0, 0, 0, "model", "SA")
+
+
+def _one(name: str, record: AttackRecord, run: Attack) -> tuple[str, Entry]:
+    return name, Entry({name: record}, run)
+
+
+def protocol(cfg: EvalConfig) -> dict[str, Entry]:
+    """The paper's attacks (Table 4), keyed by the names of the metrics file.
 
     Every PGD keeps, per example, its best iterate (attacks.pgd keep_best): an iterate that
     crossed the boundary counts even if a later one crossed back (near ties).
     """
     eps, alpha = cfg.pgd_eps, cfg.pgd_alpha
-    suite: dict[str, Attack] = {}
-    for e in cfg.fgsm_eps:
-        suite[f"fgsm/{e:g}"] = lambda m, x, y, s, e=e: attacks.fgsm(m, x, y, eps=e)
+    suite = dict(_one(f"fgsm/{e:g}", AttackRecord("fgsm", "ce", e, 1, 1, "model", f"FGSM {e:g}"),
+                      lambda m, x, y, s, e=e: attacks.fgsm(m, x, y, eps=e)) for e in cfg.fgsm_eps)
     # PGD-10..50 as snapshots of one trajectory: the same as separate runs from one start
-    suite["pgd"] = lambda m, x, y, s: {f"pgd/{k}": x_k for k, x_k in attacks.pgd_iterates(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.pgd_steps, seed=s, keep_best=True).items()}
-    suite[f"pgd{cfg.ms_steps}_ms"] = lambda m, x, y, s: attacks.pgd(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.ms_steps, restarts=cfg.ms_restarts, seed=s,
-        keep_best=True)
+    suite["pgd"] = Entry(
+        {f"pgd/{k}": AttackRecord("pgd", "ce", eps, k, 1, "model", f"PGD-{k}") for k in cfg.pgd_steps},
+        lambda m, x, y, s: {f"pgd/{k}": x_k for k, x_k in attacks.pgd_iterates(
+            m, x, y, eps=eps, alpha=alpha, steps=cfg.pgd_steps, seed=s, keep_best=True).items()})
+    k, r = cfg.ms_steps, cfg.ms_restarts
+    suite.update([_one(f"pgd{k}_ms", AttackRecord("pgd_ms", "ce", eps, k, r, "model", f"PGD-{k} (MS)"),
+                       lambda m, x, y, s, k=k: attacks.pgd(m, x, y, eps=eps, alpha=alpha, steps=k,
+                                                           restarts=r, seed=s, keep_best=True))])
     # "Adaptive" PGD with EoT = 1 on a deterministic model: PGD through the whole mixture
-    suite[f"pgd{cfg.adaptive_steps}_adaptive"] = lambda m, x, y, s: attacks.pgd(
-        m, x, y, eps=eps, alpha=alpha, steps=cfg.adaptive_steps, seed=s, keep_best=True)
+    k = cfg.adaptive_steps
+    suite.update([_one(f"pgd{k}_adaptive",
+                       AttackRecord("pgd_adaptive", "ce", eps, k, 1, "model", f"PGD-{k} (A)"),
+                       lambda m, x, y, s, k=k: attacks.pgd(m, x, y, eps=eps, alpha=alpha, steps=k,
+                                                           seed=s, keep_best=True))])
     return suite
 
 
@@ -62,7 +82,7 @@ def is_mixture(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
 
 
-def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Attack]:
+def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Entry]:
     """Attacks aimed at the mixture, at pgd_eps with strong_steps x strong_restarts.
 
     Margin-type losses (no softmax saturation); for a mixture, PGD on each expert's own loss and
@@ -72,18 +92,24 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
     """
     kw = {"eps": cfg.pgd_eps, "alpha": cfg.pgd_alpha, "steps": cfg.strong_steps,
           "restarts": cfg.strong_restarts}
-    suite: dict[str, Attack] = {
-        f"strong/pgd_{loss}": lambda m, x, y, s, loss=loss: attacks.pgd(
-            m, x, y, **kw, seed=s, loss=loss, keep_best=True)
-        for loss in ("dlr", "margin")}
+    budget = (cfg.pgd_eps, cfg.strong_steps, cfg.strong_restarts)
+
+    def record(loss: str, target: str, label: str) -> AttackRecord:
+        return AttackRecord("strong", loss, *budget, target, label)
+
+    suite = dict(_one(f"strong/pgd_{loss}", record(loss, "model", f"PGD-{loss.upper()}"),
+                      lambda m, x, y, s, loss=loss: attacks.pgd(m, x, y, **kw, seed=s, loss=loss,
+                                                                keep_best=True))
+                 for loss in ("dlr", "margin"))
     if is_mixture(model):
-        suite["strong/gate"] = lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s)
-        for i in range(model.n_experts):
-            suite[f"strong/expert_{i}"] = lambda m, x, y, s, i=i: attacks.pgd(
-                m.expert(i), x, y, **kw, seed=s)
-    for name, source in sources.items():
-        suite[f"strong/transfer_{name}"] = lambda m, x, y, s, f=source: attacks.pgd(
-            f, x, y, **kw, seed=s)
+        suite.update([_one("strong/gate", record("gate", "gate", "gate"),
+                           lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s))])
+        suite.update(_one(f"strong/expert_{i}", record("ce", f"expert_{i}", f"expert {i}"),
+                          lambda m, x, y, s, i=i: attacks.pgd(m.expert(i), x, y, **kw, seed=s))
+                     for i in range(model.n_experts))
+    suite.update(_one(f"strong/transfer_{name}", record("ce", f"transfer:{name}", f"from {name}"),
+                      lambda m, x, y, s, f=source: attacks.pgd(f, x, y, **kw, seed=s))
+                 for name, source in sources.items())
     return suite
 
 
@@ -156,7 +182,7 @@ def _merge(chunks: list[Flags], folder: Path | None) -> Flags:
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor, y: torch.Tensor,
+def correct_under(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, y: torch.Tensor,
                   *, batch_size: int, seed: int, device: torch.device, progress: bool = True,
                   state: Path | None = None, key: str = "") -> Flags:
     """Per-example correctness (bool, (N,)) on clean inputs and under every attack of `suite`.
@@ -173,9 +199,9 @@ def correct_under(model: nn.Module, suite: dict[str, Attack], x_u8: torch.Tensor
         yb = y[b * batch_size:(b + 1) * batch_size].to(device)
         with torch.no_grad():
             flags = {"clean": (model(x).argmax(1) == yb).cpu()}
-        for name, attack in suite.items():
+        for name, entry in suite.items():
             bar.set_postfix_str(name)
-            x_adv = attack(model, x, yb, derive_seed(seed, name, b))
+            x_adv = entry.run(model, x, yb, derive_seed(seed, name, b))
             for key, xa in (x_adv.items() if isinstance(x_adv, dict) else [(name, x_adv)]):
                 with torch.no_grad():
                     flags[key] = (model(xa).argmax(1) == yb).cpu()
@@ -217,18 +243,16 @@ def worst_case(flags: Flags) -> torch.Tensor:
     return torch.stack(padded).all(dim=0)
 
 
-def within_budget(flags: Flags, eps: float) -> Flags:
-    """The attacks of the threat model: everything but FGSM at an eps above `eps` (the paper's
-    FGSM sweep reaches 0.09 while its threat model is 8/255; a larger ball is another threat
-    model, not a stronger attack)."""
-    def fgsm_eps(name: str) -> float:
-        return float(name.split("/")[1]) if name.startswith("fgsm/") else 0.0
-    return {k: v for k, v in flags.items() if fgsm_eps(k) <= eps + 1e-12}
+def within_budget(flags: Flags, records: Records, eps: float) -> Flags:
+    """The attacks of the threat model: every attack whose record's budget is at most `eps`
+    (the paper's FGSM sweep reaches 0.09 while its threat model is 8/255; a larger ball is
+    another threat model, not a stronger attack)."""
+    return {k: v for k, v in flags.items() if records[k].eps <= eps + 1e-12}
 
 
-def summarize(flags: dict[str, torch.Tensor], eps: float) -> dict[str, Any]:
+def summarize(flags: Flags, records: Records, eps: float) -> dict[str, Any]:
     """Accuracies in percent, grouped like the paper's tables, plus the worst case at `eps`."""
-    worst = worst_case(within_budget(flags, eps))
+    worst = worst_case(within_budget(flags, records, eps))
     out: dict[str, Any] = {}
     for name, f in flags.items():
         group, _, key = name.partition("/")
@@ -267,22 +291,23 @@ def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
                        whitebox=whitebox)
 
 
-def by_family(flags: Flags, eps: float) -> dict[str, float]:
-    """Per attack family (the name before "/": fgsm, pgd, strong, autoattack ...), the percent
-    of examples no attack of the family fooled within the threat model `eps`; clean left out."""
+def by_family(flags: Flags, records: Records, eps: float) -> dict[str, float]:
+    """Per attack family (AttackRecord.family: fgsm, pgd, pgd_ms, strong, autoattack ...), the
+    percent of examples no attack of the family fooled within the threat model `eps`; clean
+    left out."""
     families: dict[str, Flags] = {}
-    for name, f in within_budget(flags, eps).items():
-        if name != "clean":
-            families.setdefault(name.partition("/")[0], {})[name] = f
+    for name, f in within_budget(flags, records, eps).items():
+        if records[name] != CLEAN:
+            families.setdefault(records[name].family, {})[name] = f
     return {family: audit.accuracy(worst_case(f)) for family, f in families.items()}
 
 
-def coverage(flags: Flags, n: int) -> dict[str, int]:
+def coverage(flags: Flags, records: Records, n: int) -> dict[str, int]:
     """Per attack family, on how many of the n evaluated examples it ran: the worst case counts
     each attack only where it ran (AutoAttack on a first-N subset leaves the rest to the others)."""
     out: dict[str, int] = {}
     for name, f in flags.items():
-        family = name.partition("/")[0]
+        family = records[name].family
         out[family] = max(out.get(family, 0), len(f))
     return {family: min(k, n) for family, k in out.items()}
 
@@ -330,14 +355,19 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     flags = correct_under(model, suite, x_u8, y, batch_size=cfg.batch_size, seed=seed,
                           device=device, progress=progress, state=state and state / "attacks",
                           key=_key(prints, cfg, seed, "attacks", list(suite)))
+    records = {"clean": CLEAN, **{k: r for entry in suite.values() for k, r in entry.records.items()}}
     if cfg.autoattack:
         n_aa = min(cfg.autoattack_n or n, n)
         flags |= autoattack_flags(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, seed=seed, device=device,
                                   state=state and state / "autoattack",
                                   key=_key(prints, cfg, seed, "autoattack", []))
-    metrics = {"n_examples": n, **summarize(flags, cfg.pgd_eps), FAMILIES: by_family(flags, cfg.pgd_eps)}
-    threat = within_budget(flags, cfg.pgd_eps)
-    metrics["coverage"] = coverage(flags, n)
+        records |= {f"autoattack/{k}": r for k, r in adaptive.autoattack_records(
+            eps=cfg.pgd_eps, version=cfg.autoattack_version, square_queries=cfg.square_queries).items()}
+    metrics = {"n_examples": n, **summarize(flags, records, cfg.pgd_eps),
+               FAMILIES: by_family(flags, records, cfg.pgd_eps)}
+    threat = within_budget(flags, records, cfg.pgd_eps)
+    metrics["coverage"] = coverage(flags, records, n)
+    metrics[ATTACKS] = {k: dataclasses.asdict(records[k]) for k in flags}
     if cfg.autoattack:
         metrics["autoattack"] |= autoattack_settings(cfg, n_aa, n)
         sub = {k: v[:n_aa] for k, v in threat.items()}
@@ -348,7 +378,7 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     if cfg.audit:
         resume = Resume(state and state / "audit", _key(prints, cfg, seed, "audit", []), _checks)
         # Square is judged against every white-box attack (AutoAttack's own Square left out)
-        whitebox = worst_case({k: v for k, v in threat.items() if k != "autoattack/square"})
+        whitebox = worst_case({k: v for k, v in threat.items() if records[k].loss != "square"})
         checks = resume.get(0, lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device,
                                                  whitebox=whitebox))
         metrics["audit"] = {**checks,

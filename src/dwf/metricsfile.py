@@ -6,12 +6,14 @@ worst case of each attack family (an example counts as robust only if every atta
 family within the threat model failed on it), the worst case over every attack, and how many
 audit checks failed. `<model>.details.json` beside it holds the rest: each attack's accuracy
 (the report's Tables 2-3), the audit, gate weights, the per-example worst case, settings,
-environment and checkpoint. `split` and `join` convert between the two files and the metrics
-dict `dwf.evaluate.evaluate` returns; no torch here, so the report reads them cheaply.
+environment and checkpoint, and what each attack was (`AttackRecord`, under "attacks").
+`split` and `join` convert between the two files and the metrics dict `dwf.evaluate.evaluate`
+returns; no torch here, so the report reads them cheaply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,41 @@ from typing import Any
 HEADLINE = ("n_examples", "clean", "worst_case")  # in the headline file only, never repeated
 FAMILIES = "worst_by_family"  # metrics key: {family: worst-case accuracy}, flat in the headline
 AUDIT_FAILED = "audit_failed"  # headline only: derived from the details' audit
+ATTACKS = "attacks"  # details only: {attack name: AttackRecord as a dict}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackRecord:
+    """One attack of an evaluation described by data. The threat-model budget, the attack
+    families of the headline file and the report's columns read these fields, never the
+    attack's name (which stays only as the key of its accuracy).
+
+    Args:
+        family: the row group it belongs to: "clean"; the paper's protocol (Table 4) "fgsm",
+            "pgd" (the PGD-k sweep), "pgd_ms" (multi-restart), "pgd_adaptive"; ours "strong";
+            "autoattack" (the official code).
+        loss: what the attack ascends: "ce", "dlr", "margin", "gate" (log w_k + CE of expert
+            k), AutoAttack's "dlr_targeted", "fab_targeted", "square" (gradient-free margin).
+        eps: L-inf budget in [0, 1] pixel units (0 for clean).
+        steps: gradient steps per run (FGSM 1; Square: queries).
+        restarts: runs per example (random restarts, or AutoAttack's target classes).
+        target: whose loss is attacked: "model" (the whole evaluated model), "gate",
+            "expert_<i>", "transfer:<source>" (crafted on another model, replayed).
+        label: the column header the report prints ("FGSM 0.04", "PGD-100 (MS)").
+    """
+
+    family: str
+    loss: str
+    eps: float
+    steps: int
+    restarts: int
+    target: str
+    label: str
+
+
+def records(metrics: dict[str, Any]) -> dict[str, AttackRecord]:
+    """{attack name: its record} of a metrics dict (`read` has checked they are there)."""
+    return {k: AttackRecord(**v) for k, v in metrics[ATTACKS].items()}
 
 
 def details_path(path: Path) -> Path:
@@ -56,6 +93,12 @@ def read(path: Path) -> dict[str, Any]:
     odd = [k for k, v in headline.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
     if odd:
         raise ValueError(f"{path}: not a dwf metrics file ({odd[0]!r} is not a number)")
+    fields = {f.name for f in dataclasses.fields(AttackRecord)}
+    attacks = details.get(ATTACKS)
+    if not isinstance(attacks, dict) or not all(isinstance(r, dict) and set(r) == fields
+                                                for r in attacks.values()):
+        raise ValueError(f"{details_path(path)}: no attack records (written by an older dwf?); "
+                         "re-run `dwf evaluate`")
     return join(headline, details)
 
 

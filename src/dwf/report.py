@@ -24,7 +24,9 @@ import yaml
 from scipy import stats
 
 from dwf import paths
+from dwf.metricsfile import ATTACKS, AttackRecord
 from dwf.metricsfile import read as read_metrics
+from dwf.metricsfile import records as records_of
 
 LABELS = {
     "dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)", "resnet18": "ResNet-18",
@@ -33,7 +35,8 @@ LABELS = {
 }
 DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (CPU study)"}
 SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
-        "audit", "external"}
+        "audit", "external", ATTACKS}
+Records = dict[str, AttackRecord]
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -70,6 +73,21 @@ def load_runs(datasets, runs, models) -> dict[str, dict[str, list[dict[str, Any]
                     raise FileNotFoundError(f"{path}: missing; run `dwf evaluate --dataset {d} --run {r} --model {m}`")
                 out.setdefault(d, {}).setdefault(m, []).append(read_metrics(path))
     return out
+
+
+def attack_records(metrics: list[dict[str, Any]]) -> Records:
+    """{attack name: record} over metrics dicts; one name must mean one attack everywhere."""
+    out: Records = {}
+    for m in metrics:
+        for name, r in records_of(m).items():
+            if out.setdefault(name, r) != r:
+                raise ValueError(f"{name!r} names two different attacks ({out[name]} and {r}): "
+                                 "the models were evaluated with different settings")
+    return out
+
+
+def all_runs(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    return [r for models in per_run.values() for runs in models.values() for r in runs]
 
 
 def aggregate(per_run: dict[str, dict[str, list[dict[str, Any]]]]
@@ -170,22 +188,24 @@ def _cell(s: dict[str, float] | None, latex: bool = False) -> str:
     return f"{s['mean']:.2f}" if s["n"] < 2 else f"{s['mean']:.2f}{pm}{s['std']:.2f}"
 
 
-def _columns(summary: dict, which: str) -> list[tuple[str, str]]:
-    """(metric key, header) of Table 2 (SA + FGSM) or Table 3 (PGD), from the metrics present."""
-    keys = {k for models in summary.values() for metrics in models.values() for k in metrics}
-    if which == "table2":
-        fgsm = sorted((k for k in keys if k.startswith("fgsm/")), key=lambda k: float(k.split("/")[1]))
-        return [("clean", "SA")] + [(k, f"FGSM {k.split('/')[1]}") for k in fgsm]
-    pgd = sorted((k for k in keys if k.startswith("pgd/")), key=lambda k: int(k.split("/")[1]))
-    cols = [(k, f"PGD-{k.split('/')[1]}") for k in pgd]
-    cols += [(k, k.replace("pgd", "PGD-").replace("_ms", " (MS)").replace("_adaptive", " (A)"))
-             for k in sorted(keys) if k.startswith("pgd") and "/" not in k]
-    return cols + [("worst_case", "worst case")]
+# the attack families of each table, in the paper's column order (Table 2: SA + FGSM eps;
+# Table 3: PGD-k, then multi-restart and adaptive PGD)
+TABLE_FAMILIES = {"table2": ("clean", "fgsm"), "table3": ("pgd", "pgd_ms", "pgd_adaptive")}
 
 
-def table(summary: dict, which: str, latex: bool = False) -> str:
+def _columns(records: Records, which: str) -> list[tuple[str, str]]:
+    """(metric key, header) of Table 2 or Table 3: the attacks of its families, ordered by
+    family, budget and effort (records, never names)."""
+    families = TABLE_FAMILIES[which]
+    chosen = sorted((k for k, r in records.items() if r.family in families), key=lambda k: (
+        families.index(records[k].family), records[k].eps, records[k].steps, records[k].restarts))
+    cols = [(k, records[k].label) for k in chosen]
+    return cols + ([("worst_case", "worst case")] if which == "table3" else [])
+
+
+def table(summary: dict, which: str, records: Records, latex: bool = False) -> str:
     """Table 2 or 3 in the paper's layout (a block per dataset, a row per model)."""
-    cols = _columns(summary, which)
+    cols = _columns(records, which)
     head = ["Model"] + [h for _, h in cols]
     if latex:
         lines = [r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
@@ -205,7 +225,8 @@ def table(summary: dict, which: str, latex: bool = False) -> str:
 def accuracy_table(rows: dict[str, dict[str, Any]]) -> str:
     """A Markdown table of single metrics files: one row per model, accuracies in percent."""
     summary = {"": {name: {k: spread([v]) for k, v in flatten(m).items()} for name, m in rows.items()}}
-    t2, t3 = _columns(summary, "table2"), _columns(summary, "table3")
+    records = attack_records(list(rows.values()))
+    t2, t3 = _columns(records, "table2"), _columns(records, "table3")
     cols = t2 + t3
     lines = ["| model | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, metrics in summary[""].items():
@@ -215,13 +236,15 @@ def accuracy_table(rows: dict[str, dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- figures
 
-def _curve(metrics: dict, prefix: str) -> tuple[list[float], list[float], list[float]]:
-    keys = sorted((k for k in metrics if k.startswith(prefix)), key=lambda k: float(k.split("/")[1]))
-    return ([float(k.split("/")[1]) for k in keys], [metrics[k]["mean"] for k in keys],
-            [metrics[k]["std"] for k in keys])
+def _curve(metrics: dict, records: Records, kind: str) -> tuple[list[float], list[float], list[float]]:
+    """The x (FGSM: eps; PGD: iterations), mean and std of one model's curve in a figure."""
+    x = {k: r.eps if kind == "fgsm" else r.steps for k, r in records.items()
+         if r.family == kind and k in metrics}
+    keys = sorted(x, key=x.get)
+    return [x[k] for k in keys], [metrics[k]["mean"] for k in keys], [metrics[k]["std"] for k in keys]
 
 
-def figure(summary: dict, dataset: str, kind: str, path: Path) -> None:
+def figure(summary: dict, dataset: str, kind: str, path: Path, records: Records) -> None:
     """Figure 6 (RA vs FGSM eps) or Figure 7 (RA vs PGD iterations) for one dataset."""
     import matplotlib
 
@@ -230,7 +253,7 @@ def figure(summary: dict, dataset: str, kind: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m, metrics in summary[dataset].items():
-        x, y, e = _curve(metrics, f"{kind}/")
+        x, y, e = _curve(metrics, records, kind)
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=LABELS.get(m, m))
     ax.set_xlabel("FGSM $\\epsilon$" if kind == "fgsm" else "PGD iterations")
     ax.set_ylabel("robust accuracy (%)")
@@ -340,29 +363,27 @@ def _check_replaceable(folder: Path) -> None:
                              "--reports must name a folder of reports only")
 
 
-def write_reports(summary: dict, out_dir: Path, per_run: dict | None = None) -> list[Path]:
-    """Every report file from a summary (and the per-run metrics, for the audit); returns the
-    paths written."""
+def write_reports(summary: dict, out_dir: Path, per_run: dict) -> list[Path]:
+    """Every report file from a summary and the per-run metrics it was made from (the audit,
+    the statistics, the attack records); returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if per_run is not None:
-        p = out_dir / "audit.md"
-        p.write_text(audit_table(per_run))
-        written.append(p)
+    records = attack_records(all_runs(per_run))
+    p = out_dir / "audit.md"
+    p.write_text(audit_table(per_run))
+    written = [p]
     for which in ("table2", "table3"):
         for ext, latex in (("md", False), ("tex", True)):
             p = out_dir / f"{which}.{ext}"
-            p.write_text(table(summary, which, latex))
+            p.write_text(table(summary, which, records, latex))
             written.append(p)
     for d in summary:
         for kind, fig in (("fgsm", "figure6"), ("pgd", "figure7")):
             p = out_dir / "figures" / f"{fig}_{d}.png"
-            figure(summary, d, kind, p)
+            figure(summary, d, kind, p, records)
             written.append(p)
-    if per_run is not None:
-        p = out_dir / "statistics.md"
-        p.write_text(statistics_table(per_run))
-        written.append(p)
+    p = out_dir / "statistics.md"
+    p.write_text(statistics_table(per_run))
+    written.append(p)
     p = out_dir / "comparison.md"
     p.write_text(comparison(summary, paper_values()))
     return written + [p]
