@@ -130,7 +130,8 @@ def _kwargs(arch: str, shape: tuple[int, int, int]) -> dict:
     return {"resnet18": base, "soe": {**base, "n_submodels": 2},
             "advmoe_resnet18": {**base, "n_experts": 2, "router_width": 4, "router_blocks": 1},
             "softmoe": {"n_experts": 2, "expert": base, "router_hidden": (8,),
-                        "input_shape": shape}}[arch]
+                        "input_shape": shape},
+            **dict.fromkeys(models.ZOO, base)}[arch]  # the benign baselines (models/zoo.py)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -410,6 +410,53 @@ def audit(model_name: Annotated[str, typer.Option(
 
 @app.command()
 @stage
+def forensics(undefended: Annotated[str, typer.Option(
+                  help="the undefended model the paper's pattern is judged on")] = "experts/benign",
+              model_names: Annotated[Optional[list[str]], typer.Option(
+                  "--model", help="further models to sweep (repeat; default: dwf)")] = None,
+              out: Annotated[Optional[Path], typer.Option(
+                  help="JSON to write (default: metrics/forensics/<dataset>/run<run>.json)")] = None,
+              steps: Annotated[Optional[list[int]], typer.Option(
+                  "--steps", min=1, help="PGD-k to report (repeat; default: 10, 20, ..., 100)")] = None,
+              dataset: DatasetOpt = "digits", run: RunOpt = 0,
+              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+              device: DeviceOpt = None, quiet: QuietOpt = False):
+    """Protocol forensics (dwf.forensics): PGD-10..100 at the threat model under the correct
+    protocol and under each evaluation mistake (none of them a valid evaluation), on the
+    pipeline's checkpoints; writes a JSON and prints the comparison page's section."""
+    from dwf import paths
+    from dwf.checkpoint import load_model
+    from dwf.config import MODEL_NAME, check_name
+    from dwf.data import load_split, to_unit
+    from dwf.forensics import STEPS, compare, section
+    from dwf.runtime import derive_seed
+
+    names = [undefended, *(model_names or ["dwf"])]
+    for name in names:
+        check_name(name, "--model", MODEL_NAME)
+    if len(set(names)) < len(names):
+        _fail(f"--model: each model once, got {', '.join(names)}")
+    p, prof, dev = _context(params, dataset, set_, device)
+    cfg = prof.evaluate
+    checkpoints = {name: paths.model(dataset, run, name) for name in names}
+    out = out or Path(f"metrics/forensics/{dataset}/run{run}.json")  # names checked by _context
+    _refuse_overlap([out], [params, Path(p.data_root) / dataset, *checkpoints.values()])
+    models = {name: load_model(c, dev, dataset=dataset) for name, c in checkpoints.items()}
+    x, y = load_split(dataset, Path(p.data_root), "test")
+    n = cfg.n_examples or len(x)
+    say = None if quiet else functools.partial(typer.echo, err=True)
+    result = compare(models, to_unit(x[:n]).to(dev), y[:n].to(dev), undefended=undefended,
+                     eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=sorted(set(steps or STEPS)),
+                     batch_size=cfg.batch_size, seed=derive_seed(p.seed, run, dataset, "forensics"),
+                     progress=say)
+    result["checkpoints"] = {name: str(c) for name, c in checkpoints.items()}
+    _write_json(out, result)
+    typer.echo(section(result))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@stage
 def aggregate(params: ParamsOpt = Path("params.yaml"),
               summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
@@ -418,7 +465,8 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
     from dwf import paths
     from dwf.config import load_params
     from dwf.metricsfile import details_path
-    from dwf.report import aggregate as collect, load_runs, publish, table as render
+    from dwf.report import aggregate as collect, all_runs, attack_records, load_runs, publish
+    from dwf.report import table as render
 
     p = load_params(params)
     runs = [paths.evaluation(d, r, m) for d in p.datasets for r in p.runs for m in p.evaluate_models]
@@ -426,7 +474,8 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
     per_run = load_runs(p.datasets, p.runs, p.evaluate_models)
     result = collect(per_run)  # numbers only; environments: in each run's details file
     publish(result, per_run, reports, summary)
-    typer.echo(render(result, "table2") + "\n" + render(result, "table3"))
+    records = attack_records(all_runs(per_run))
+    typer.echo(render(result, "table2", records) + "\n" + render(result, "table3", records))
     typer.echo(f"wrote {summary} and {reports}/")
 
 
@@ -489,6 +538,47 @@ def bench(device: DeviceOpt = None,
                + "; projected paper pipeline (width 64, at these FLOP/s): "
                + ", ".join(f"{k} {h:.0f} h" for k, h in result["projected_hours"].items()))
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+@stage
+def plan(params: ParamsOpt = Path("params.yaml"),
+         set_: Annotated[Optional[list[str]], typer.Option(
+             "--set", help="override a value of every dataset's section, e.g. expert.precision=bf16")] = None,
+         rates: Annotated[Optional[Path], typer.Option(
+             help="rate table (default: the one in docs/bench/ for this device)")] = None,
+         device: DeviceOpt = None,
+         robust: Annotated[float, typer.Option(
+             min=0.0, max=1.0, help="assumed share of examples an adversarially trained model "
+                                    "keeps after the protocol and APGD-CE")] = 0.55,
+         json_out: Annotated[Optional[Path], typer.Option("--json", help="plan JSON to write")] = None):
+    """Projected jobs and device-hours of the whole `dvc repro` (training and evaluation), per
+    job kind and in total, from measured rates (docs/bench/); says which are extrapolated."""
+    from dwf.config import load_params
+    from dwf.plan import Assumptions, load_rates, plan as project, table as render
+    from dwf.runtime import pick_device
+
+    if json_out is not None:
+        _refuse_overlap([json_out], [params, *([rates] if rates else [])])
+    p = load_params(params)
+    profiles = {d: load_params(params, d, set_ or []).profile(d) for d in p.datasets}
+    if rates is None:
+        import torch
+
+        dev = pick_device(device)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        rates_path, table = load_rates(None, name)
+    else:
+        rates_path, table = load_rates(rates, "")
+    result = project(p, profiles, table, Assumptions(robust=robust))
+    result |= {"params": str(params), "overrides": list(set_ or []), "rates_file": str(rates_path),
+               "device": table.get("device")}
+    typer.echo(f"dwf plan: {params} ({', '.join(p.datasets)}; {len(p.runs)} runs), rates "
+               f"{rates_path} ({table.get('device')}), robust share {robust:g} (undefended: 0)")
+    typer.echo(render(result))
+    if json_out is not None:
+        _write_json(json_out, result)
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:

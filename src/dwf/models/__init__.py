@@ -10,9 +10,10 @@ from dwf.models.advmoe import ADVMoEResNet18
 from dwf.models.moe import Router, SoftMoE
 from dwf.models.resnet import Normalize, ResNet18
 from dwf.models.soe import SoE
+from dwf.models.zoo import ZOO
 
-__all__ = ["ARCHITECTURES", "build", "ADVMoEResNet18", "Normalize", "ResNet18", "Router", "SoE",
-           "SoftMoE"]
+__all__ = ["ARCHITECTURES", "ZOO", "build", "ADVMoEResNet18", "Normalize", "ResNet18", "Router",
+           "SoE", "SoftMoE"]
 
 
 def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 128),
@@ -26,6 +27,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "softmoe": _softmoe,
     "soe": SoE,
     "advmoe_resnet18": ADVMoEResNet18,
+    **ZOO,  # the paper's benign baselines (models/zoo.py): vgg19, resnet34, ..., mobilenet_v2
 }
 
 

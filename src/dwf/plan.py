@@ -1,0 +1,469 @@
+"""What the whole `dvc repro` costs before it runs: params -> pass counts -> device-hours.
+
+Every stage is counted in *passes* through a network, per example:
+  train   - one SGD step (forward + backward through the parameters);
+  attack  - one forward + input gradient (an attack iteration);
+  forward - one forward without gradient (a prediction, a Square query).
+The networks are the ones the stages run: `expert` (one ResNet-18), `mixture` (DWF's experts +
+gate), `soe` (every sub-model), `advmoe` (router + MoE network), `advmoe_expert` (the MoE
+network with a fixed route) and `advmoe_router`. Passes are priced with measured rates (examples/s
+per pass, a table per device under docs/bench/); a network or pass the table lacks is scaled from
+a measured one by forward multiply-accumulates, and said to be extrapolated.
+
+Evaluation counts follow dwf.evaluate, dwf.adaptive and dwf.audit. Two things depend on the
+model's robustness and are assumptions (`Assumptions`): the strong attacks, AutoAttack after
+APGD-CE and the audit's Square run only on the examples still robust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from statistics import mean
+from typing import Any, Callable
+
+from dwf.config import Params, Profile, TrainConfig, expert_kind
+from dwf.data import NUM_CLASSES, SHAPE
+
+# (train, test) examples per dataset: torchvision's CIFAR-10 and SVHN, our digits split (data.py)
+SPLIT_SIZES = {"cifar10": (50_000, 10_000), "svhn": (73_257, 26_032), "digits": (1_437, 360)}
+PASSES = ("train", "attack", "forward")
+# an attack iteration ~ 2 forwards (forward + input gradient; the bench's FLOP convention)
+FORWARDS_PER_ATTACK = 2.0
+# AutoAttack standard (pyautoattack): APGD-CE 100 iterations (+1 initial gradient); APGD-T and
+# FAB-T 9 target classes x 100 iterations; FAB's iteration = one gradient + one prediction
+APGD_ITERS, TARGETS, FAB_ITERS = 101, 9, 100
+RATES_DIR = Path(__file__).resolve().parents[2] / "docs" / "bench"
+
+Counts = Counter  # (network, pass) -> passes, summed over examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Assumptions:
+    """What the plan cannot count from params: the share of evaluated examples still robust
+    after the paper's protocol and APGD-CE (the strong attacks, the rest of AutoAttack and the
+    audit's Square run on those only). Defaults: the digits demo (DWF 55.0% after PGD-100 x 3,
+    its benign expert 0.0%, README); every example correct on clean inputs (an upper bound)."""
+
+    robust: float = 0.55       # adversarially trained models
+    robust_undefended: float = 0.0  # models trained on clean images only
+
+    def of(self, model: str) -> float:
+        undefended = model == "resnet18" or (model.startswith("experts/")
+                                             and expert_kind(model.split("/")[1]) == "benign")
+        return self.robust_undefended if undefended else self.robust
+
+
+def _passes(network: str, times: float = 1.0, **kinds: float) -> Counts:
+    """Counts of `kinds` (train=, attack=, forward=) passes through `network`, times `times`."""
+    return Counts({(network, k): n * times for k, n in kinds.items() if n})
+
+
+def _scaled(counts: Counts, times: float) -> Counts:
+    return Counts({k: v * times for k, v in counts.items()})
+
+# ---------------------------------------------------------------- training
+
+
+def examples_per_epoch(n: int, batch_size: int) -> int:
+    """Examples one epoch trains on: the last partial batch is dropped (train.fit)."""
+    return (n // batch_size) * batch_size
+
+
+def expert_training(kind: str, cfg: TrainConfig, n: int) -> Counts:
+    """Algorithms 1-2: an SGD step per example, after FGSM (1 iteration) or PGD-k (k drawn from
+    pgd_steps per batch: its mean) for the attacked experts."""
+    attack = {"benign": 0.0, "fgsm": 1.0, "pgd": mean(cfg.pgd_steps)}[kind]
+    return _passes("expert", cfg.epochs * examples_per_epoch(n, cfg.batch_size), train=1, attack=attack)
+
+
+def joint_training(cfg: TrainConfig, n: int) -> Counts:
+    """Algorithm 3: FGSM + PGD-k through the mixture, then SGD on [clean, FGSM, PGD]."""
+    return _passes("mixture", cfg.epochs * examples_per_epoch(n, cfg.batch_size),
+                   attack=1 + mean(cfg.pgd_steps), train=3)
+
+
+def baseline_training(name: str, cfg: Any, n: int) -> Counts:
+    """Per defense (dwf.defenses): its attack iterations and SGD passes per example."""
+    k = mean(cfg.pgd_steps)
+    per_example = {
+        "resnet18": lambda: _passes("expert", train=1),
+        # adv_fraction of each batch attacked (round(fraction x batch) examples)
+        "resnet18_fgsm_at": lambda: _passes("expert", train=1, attack=_fraction(cfg)),
+        "resnet18_pgd_at": lambda: _passes("expert", train=1, attack=k * _fraction(cfg)),
+        # KL-PGD from the clean prediction, then CE(clean) + KL(adversarial): two passes
+        "trades": lambda: _passes("expert", forward=1, attack=k, train=2),
+        "soe": lambda: _passes("soe", attack=k, train=2),
+        "advmoe": lambda: _advmoe_batch(cfg, k),
+    }[name]()
+    return _scaled(per_example, cfg.epochs * examples_per_epoch(n, cfg.batch_size))
+
+
+def _fraction(cfg: Any) -> float:
+    return round(cfg.adv_fraction * cfg.batch_size) / cfg.batch_size
+
+
+def _advmoe_batch(cfg: Any, k: float) -> Counts:
+    """Two phases per batch, each crafting its own KL-PGD on the network's and the router's
+    outputs (the router runs again as the second head); the expert phase trains on TRADES'
+    two passes, the official router phase on the router's two."""
+    craft = _passes("advmoe", forward=1, attack=k) + _passes("advmoe_router", forward=1, attack=k)
+    router = (_passes("advmoe_router", train=2) if cfg.router_objective == "official"
+              else _passes("advmoe", train=2))
+    return craft + craft + _passes("advmoe", train=2) + router
+
+# ---------------------------------------------------------------- evaluation
+
+
+def pgd_cost(steps: int, restarts: int = 1, keep_best: bool = True, ranked: bool = False
+             ) -> tuple[float, float]:
+    """(attack, forward) passes per example of one PGD call and its correctness check.
+
+    keep_best scores the last iterate with one more forward per restart; several restarts (or a
+    `ranked` call: pgd_objective always ranks) add one forward per restart (worst_of).
+    """
+    forwards = restarts * keep_best + (restarts if restarts > 1 or ranked else 0) + 1
+    return steps * restarts, forwards
+
+
+def protocol(cfg: Any, net: str, n: int) -> Counts:
+    """The paper's attacks (evaluate.protocol) on all n examples, clean predictions included."""
+    runs = [pgd_cost(max(cfg.pgd_steps)), pgd_cost(cfg.ms_steps, cfg.ms_restarts),
+            pgd_cost(cfg.adaptive_steps)]
+    attack = len(cfg.fgsm_eps) + sum(a for a, _ in runs)
+    # clean; FGSM's check; PGD-10..50's checks beyond the one pgd_cost counts
+    forward = 1 + len(cfg.fgsm_eps) + len(cfg.pgd_steps) - 1 + sum(f for _, f in runs)
+    return _passes(net, n, attack=attack, forward=forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """How an evaluated mixture runs in the strong suite (evaluate.strong_suite): its members'
+    network, one `expert_logits` forward, one iteration of the gate attack's objective."""
+
+    member: str
+    logits: Callable[[str, int], Counts]     # (network, members) -> passes
+    objective: Callable[[str, int], Counts]
+
+
+MIXTURES = {
+    "mixture": Mixture("expert", lambda net, m: _passes(net, forward=1),
+                       lambda net, m: _passes(net, attack=1)),
+    # SoE's gate_weights runs every sub-model again (a second forward in the objective)
+    "soe": Mixture("expert", lambda net, m: _passes(net, forward=1),
+                   lambda net, m: _passes(net, attack=1, forward=1)),
+    # ADVMoE's expert_logits routes the batch through each of its m experts in turn
+    "advmoe": Mixture("advmoe_expert", lambda net, m: _passes("advmoe_expert", forward=m),
+                      lambda net, m: _passes("advmoe_expert", attack=m)
+                      + _passes("advmoe_router", attack=1)),
+}
+
+
+def strong(cfg: Any, net: str, members: int, sources: int, n: float) -> Counts:
+    """The strong suite on n examples: DLR and margin PGD; for a mixture the gate attack and PGD
+    on each member; PGD on each transfer source (an expert). Each ends with a check on the model."""
+    k, r = cfg.strong_steps, cfg.strong_restarts
+    a, f = pgd_cost(k, r)
+    per = _passes(net, attack=2 * a, forward=2 * f)
+    a_other, f_other = pgd_cost(k, r, keep_best=False)  # on another network, checked on the model
+
+    def other(network: str) -> Counts:
+        return _passes(network, attack=a_other, forward=f_other - 1) + _passes(net, forward=1)
+
+    if net in MIXTURES:
+        mix = MIXTURES[net]
+        per += mix.logits(net, members) + _scaled(mix.objective(net, members), k * r)
+        per += _passes(net, forward=pgd_cost(k, r, keep_best=False, ranked=True)[1])
+        per += _scaled(other(mix.member), members)
+    per += _scaled(other("expert"), sources)
+    return _scaled(per, n)
+
+
+def autoattack(cfg: Any, net: str, n: int, robust: float) -> Counts:
+    """AutoAttack standard, one attack after the other on the examples still robust: APGD-CE on
+    all n (after one clean check), APGD-T, FAB-T and Square on the robust share (an upper
+    bound: nobody is fooled inside an attack). Its bookkeeping forwards are left out."""
+    rest = robust * n
+    return (_passes(net, n, attack=APGD_ITERS, forward=1)
+            + _passes(net, rest, attack=TARGETS * (APGD_ITERS + FAB_ITERS),
+                      forward=TARGETS * FAB_ITERS + cfg.square_queries))
+
+
+def audit(cfg: Any, net: str, n: int, robust: float) -> Counts:
+    """dwf.audit on n examples: the eps sweep, FGSM, the iteration sweep and its doubling,
+    large eps, the binarization test, Square on the robust share; the model checks on one
+    batch. The known-adversary test attacks a linear probe (no model pass)."""
+    from dwf.audit import EPS_FRACTIONS, INNER_SAMPLES
+
+    k, r = cfg.strong_steps, cfg.strong_restarts
+    iters = sorted({(max(1, k // 4), 1), (max(1, k // 2), 1), (k, r)} - {(k, 1)}) + [(2 * k, 2 * r)]
+    runs = [pgd_cost(k)] * len(EPS_FRACTIONS) + [pgd_cost(s, rr) for s, rr in iters]
+    runs += [pgd_cost(max(k, 20)), (1, 1), pgd_cost(k, r)]  # large eps; FGSM; binarized model
+    # clean check; binarization: the image, INNER_SAMPLES inner points, the target, 2 sanity checks
+    forward = 1 + sum(f for _, f in runs) + 1 + INNER_SAMPLES + 1 + 2
+    batch = min(cfg.batch_size, n)  # input gradients (CE, margin), determinism (2), logits (1)
+    return (_passes(net, n, attack=sum(a for a, _ in runs), forward=forward)
+            + _passes(net, batch, attack=2, forward=3)
+            + _passes(net, robust * n, forward=cfg.square_queries + 1))
+
+# ---------------------------------------------------------------- networks and rates
+
+
+def macs(model: Any, call: Callable, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the convolutions and linear layers of `model` that call(one
+    image of `shape`) runs."""
+    import torch
+    from torch import nn
+
+    total = 0
+
+    def count(module: nn.Module, _: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out[0].numel() * module.weight[0].numel()  # per output: in/groups x kernel
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        call(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def network_macs(width: int, shape: tuple[int, ...], n_experts: int, *, classes: int = 10,
+                 router_hidden: tuple[int, ...] = (1024, 512, 128), baselines: Any = None
+                 ) -> dict[str, int]:
+    """Forward MACs per example of the networks the stages run, built as dwf.models builds them
+    (on the CPU, one image: about two seconds at width 64)."""
+    from dwf import models
+    from dwf.defenses.advmoe import arch_kwargs
+
+    arch = {"num_classes": classes, "width": width, "mean": (0.5,) * shape[0],
+            "std": (0.25,) * shape[0], "in_channels": shape[0]}
+    expert = models.build("resnet18", **arch).eval()
+    mixture = models.build("softmoe", n_experts=n_experts, expert=arch, router_hidden=router_hidden,
+                           input_shape=shape).eval()
+    mixture.batched = False  # the expert loop: the hooks see every layer
+    out = {"expert": macs(expert, expert, shape), "mixture": macs(mixture, mixture, shape)}
+    if baselines is not None and baselines.soe is not None:
+        soe = models.build("soe", n_submodels=baselines.soe.n_submodels, **arch).eval()
+        out["soe"] = macs(soe, soe, shape)
+    if baselines is not None and baselines.advmoe is not None:
+        moe = models.build("advmoe_resnet18", **arch_kwargs(arch, baselines.advmoe)).eval()
+        out |= {"advmoe": macs(moe, moe, shape), "advmoe_expert": macs(moe, moe.expert(0), shape),
+                "advmoe_router": macs(moe, moe.router_scores, shape)}
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """Examples per second of one pass through one network, and where the number comes from."""
+
+    per_s: float
+    measured: bool
+    source: str
+
+
+def load_rates(path: Path | None, device: str) -> tuple[Path, dict]:
+    """A rate table file: `path`, or the one under docs/bench/ whose "device" is `device`."""
+    if path is None:
+        found = [p for p in sorted(RATES_DIR.glob("*.json")) if _device_of(p) == device]
+        if not found:
+            raise ValueError(f"no rate table for device {device!r} in {RATES_DIR}; pass --rates FILE")
+        path = found[0]
+    table = _read_json(Path(path))
+    if not isinstance(table, dict) or not isinstance(table.get("tables"), dict):
+        raise ValueError(f"{path}: not a rate table (no 'tables' mapping)")
+    return Path(path), table
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable as JSON ({e})") from None
+
+
+def _device_of(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data.get("device") if isinstance(data, dict) and "tables" in data else None
+
+
+class Pricing:
+    """Rates of a profile's networks from a rate file's tables ("train/bf16", "evaluate/fp32").
+
+    A rate measured for the network at the profile's sizes is used as it is. Otherwise it is
+    extrapolated by the ratio of forward MACs: from the same network measured at the table's
+    sizes, else from the expert, else the mixture; a missing forward rate is the attack rate
+    x FORWARDS_PER_ATTACK. `used` keeps every rate priced, for the report.
+
+    Args:
+        tables: the rate file's "tables".
+        macs_here: network_macs at the profile's sizes.
+        macs_there: table -> network_macs at the table's sizes (expert and mixture).
+    """
+
+    def __init__(self, tables: dict, macs_here: dict[str, int], macs_there: Callable[[dict], dict]):
+        self.tables, self.macs_here, self.macs_there = tables, macs_here, macs_there
+        self.used: dict[str, Rate] = {}
+
+    def rate(self, table: str, network: str, kind: str) -> Rate:
+        key = f"{table}: {network} {kind}"
+        if key not in self.used:
+            self.used[key] = self._rate(table, network, kind)
+        return self.used[key]
+
+    def _rate(self, name: str, network: str, kind: str) -> Rate:
+        if name not in self.tables:
+            raise ValueError(f"the rate file has no {name!r} table (has: {', '.join(self.tables)})")
+        table = self.tables[name]
+        there = self.macs_there(table)
+        for ref in dict.fromkeys((network, "expert", "mixture")):
+            entry = table["rates"].get(ref, {}).get(kind)
+            if entry is None or ref not in there:
+                continue
+            ratio = there[ref] / self.macs_here[network]
+            if ref == network and abs(ratio - 1) < 1e-9:
+                return Rate(entry["per_s"], True, entry["source"])
+            return Rate(entry["per_s"] * ratio, False, f"{ref} {kind} {entry['per_s']:.5g}/s x FLOP "
+                        f"ratio {ratio:.3g} ({entry['source']})")
+        if kind == "forward":
+            attack = self.rate(name, network, "attack")
+            return Rate(attack.per_s * FORWARDS_PER_ATTACK, False,
+                        f"attack rate x {FORWARDS_PER_ATTACK:g} (an attack iteration ~ 2 forwards)")
+        raise ValueError(f"rate table {name!r} has no {kind} rate to price {network} from")
+
+    def hours(self, table: str, counts: Counts) -> float:
+        """Device-hours of `counts` at the rates of `table`."""
+        return sum(n / self.rate(table, net, kind).per_s for (net, kind), n in counts.items()) / 3600
+
+# ---------------------------------------------------------------- the plan
+
+
+# evaluated model -> the network it runs (dwf.defenses.DEFENSES' architectures)
+NETWORK = {"dwf": "mixture", "resnet18": "expert", "resnet18_fgsm_at": "expert",
+           "resnet18_pgd_at": "expert", "trades": "expert", "soe": "soe", "advmoe": "advmoe"}
+
+
+def _members(model: str, params: Params, prof: Profile) -> int:
+    return {"dwf": len(params.experts), "soe": getattr(prof.baselines.soe, "n_submodels", 0),
+            "advmoe": getattr(prof.baselines.advmoe, "n_experts", 0)}.get(model, 0)
+
+
+def training_jobs(params: Params, dataset: str, prof: Profile) -> list[tuple[str, str, Counts]]:
+    """(stage, name, counts) of every training job of one run on `dataset`."""
+    n = SPLIT_SIZES[dataset][0]
+    jobs = [("expert", expert_kind(e), expert_training(expert_kind(e), prof.expert, n))
+            for e in params.experts]
+    jobs.append(("joint", "dwf", joint_training(prof.joint, n)))
+    return jobs + [("baseline", b, baseline_training(b, prof.baselines.get(b), n))
+                   for b in params.baselines]
+
+
+def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
+                     assume: Assumptions) -> dict[str, Counts]:
+    """Counts of one evaluation (one model, run and dataset) by part, as cfg switches them on."""
+    cfg, n_test = prof.evaluate, SPLIT_SIZES[dataset][1]
+    n = min(cfg.n_examples or n_test, n_test)
+    net, robust = NETWORK.get(model, "expert"), assume.of(model)
+    parts = {"protocol": protocol(cfg, net, n)}
+    if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
+        parts["protocol"] += _passes(net, n, forward=1)
+    if cfg.strong:  # on the examples the protocol left robust; transfer from DWF's own experts
+        sources = len(params.experts) if model == "dwf" else 0
+        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, robust * n)
+    if cfg.autoattack:
+        parts["autoattack"] = autoattack(cfg, net, min(cfg.autoattack_n or n, n), robust)
+    if cfg.audit:
+        parts["audit"] = audit(cfg, net, min(cfg.audit_n or n, n), robust)
+    return parts
+
+
+def plan(params: Params, profiles: dict[str, Profile], rates: dict,
+         assume: Assumptions = Assumptions()) -> dict[str, Any]:
+    """Jobs and device-hours of the whole pipeline: every training and evaluation job of every
+    dataset and run.
+
+    Args:
+        params: the params file (datasets, runs, experts, baselines, evaluate_models).
+        profiles: dataset -> its profile (with any overrides applied).
+        rates: a rate file's contents (load_rates).
+    Returns:
+        {"rows": one per (dataset, stage, name), "stages", "total", "rates", "assumptions"}.
+    """
+    runs, rows = len(params.runs), []
+    used: dict[tuple[str, Rate], list[str]] = {}
+    cache: dict[str, dict[str, int]] = {}
+
+    def macs_there(table: dict) -> dict[str, int]:
+        key = json.dumps([table["width"], table["input_shape"], table["n_experts"]])
+        if key not in cache:
+            cache[key] = network_macs(table["width"], tuple(table["input_shape"]), table["n_experts"])
+        return cache[key]
+
+    for d in params.datasets:
+        prof = profiles[d]
+        here = network_macs(prof.width, SHAPE[d], len(params.experts), classes=NUM_CLASSES[d],
+                            router_hidden=prof.router_hidden, baselines=prof.baselines)
+        pricing = Pricing(rates["tables"], here, macs_there)
+        for stage, name, counts in training_jobs(params, d, prof):
+            precision = (prof.joint if stage == "joint" else prof.expert if stage == "expert"
+                         else prof.baselines.get(name)).precision
+            hours = pricing.hours(f"train/{precision}", counts)
+            rows.append(_row(d, "train", f"{stage} {name}", runs, {"train": hours}, counts))
+        for model in params.evaluate_models:
+            parts = evaluation_parts(params, d, prof, model, assume)
+            hours = {k: pricing.hours("evaluate/fp32", c) for k, c in parts.items()}
+            rows.append(_row(d, "evaluate", f"evaluate {model}", runs, hours, sum(parts.values(), Counts())))
+        for k, r in pricing.used.items():  # one entry per rate, naming the datasets it prices
+            used.setdefault((k, r), []).append(d)
+    stages = {s: {"jobs": sum(r["jobs"] for r in rows if r["stage"] == s),
+                  "hours": sum(r["hours"] for r in rows if r["stage"] == s)} for s in ("train", "evaluate")}
+    total = {"jobs": sum(s["jobs"] for s in stages.values()),
+             "hours": sum(s["hours"] for s in stages.values())}
+    rates_used = [{"rate": k, "datasets": ds, **dataclasses.asdict(r)} for (k, r), ds in used.items()]
+    return {"rows": rows, "stages": stages, "total": total, "rates": rates_used,
+            "assumptions": dataclasses.asdict(assume)}
+
+
+def _row(dataset: str, stage: str, name: str, runs: int, hours: dict[str, float], counts: Counts
+         ) -> dict[str, Any]:
+    """One (dataset, job kind) line: `runs` jobs of `hours` each (by part)."""
+    return {"dataset": dataset, "stage": stage, "name": name, "jobs": runs,
+            "hours_per_job": sum(hours.values()), "hours": runs * sum(hours.values()),
+            "parts": {k: runs * h for k, h in hours.items()},
+            "passes_per_job": {f"{net} {kind}": n for (net, kind), n in sorted(counts.items())}}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The plan as Markdown: a line per job kind (datasets summed), the stages, the total, and
+    each rate with where it comes from."""
+    parts = ("protocol", "strong", "autoattack", "audit")
+    merged: dict[str, dict] = {}
+    for r in result["rows"]:
+        m = merged.setdefault(r["name"], {"jobs": 0, "hours": 0.0, "parts": Counter()})
+        m["jobs"] += r["jobs"]
+        m["hours"] += r["hours"]
+        m["parts"].update(r["parts"])
+    lines = ["| job | jobs | " + " | ".join(parts) + " | device-hours |",
+             "|---|---:|" + "---:|" * len(parts) + "---:|"]
+    for name, m in merged.items():
+        cells = [_h(m["parts"][p]) if p in m["parts"] else "" for p in parts]
+        lines.append(f"| {name} | {m['jobs']} | " + " | ".join(cells) + f" | {_h(m['hours'])} |")
+    for stage, s in result["stages"].items():
+        lines.append(f"| **{stage}** | {s['jobs']} |" + " |" * len(parts) + f" **{_h(s['hours'])}** |")
+    t = result["total"]
+    lines.append(f"| **total** | {t['jobs']} |" + " |" * len(parts) + f" **{_h(t['hours'])}** |")
+    lines.append("\nrates (examples/s per pass):")
+    lines += [f"- {r['rate']} ({', '.join(r['datasets'])}): {r['per_s']:.5g}, "
+              f"{'measured' if r['measured'] else 'extrapolated'}: {r['source']}" for r in result["rates"]]
+    return "\n".join(lines)
+
+
+def _h(hours: float) -> str:
+    return f"{hours:.3g}" if hours >= 0.01 else f"{hours * 3600:.3g} s"

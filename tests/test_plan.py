@@ -1,0 +1,144 @@
+"""`dwf plan`: its arithmetic against hand-counted passes and hours on a tiny config, the rate
+extrapolation, and the command (a total printed, a JSON written, a bad override refused)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dwf import plan
+from dwf.bench import resnet18_macs
+from dwf.cli import app
+from dwf.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "studies" / "digits" / "params.yaml"
+
+# round rates at the digits study's sizes: every one measured, none extrapolated
+SIZES = {"input_shape": [1, 8, 8], "width": 8, "n_experts": 9, "batch": 64}
+EXPERT = {"train": 1000.0, "attack": 2000.0, "forward": 4000.0}
+MIXTURE = {"train": 100.0, "attack": 200.0, "forward": 400.0}
+
+
+def _table(rates: dict[str, dict[str, float]], **sizes) -> dict:
+    return {**SIZES, **sizes, "rates": {net: {k: {"per_s": v, "source": f"test {net} {k}"}
+                                              for k, v in r.items()} for net, r in rates.items()}}
+
+
+RATES = {"tables": {"train/fp32": _table({"expert": EXPERT, "mixture": MIXTURE}),
+                    "evaluate/fp32": _table({"expert": EXPERT, "mixture": MIXTURE})}}
+
+# a short protocol: FGSM at one eps, PGD-2/3, PGD-4 x 2 restarts, PGD-5; the rest as set below
+SHORT = ["evaluate.fgsm_eps=[0.1]", "evaluate.pgd_steps=[2, 3]", "evaluate.ms_steps=4",
+         "evaluate.ms_restarts=2", "evaluate.adaptive_steps=5", "evaluate.strong=false",
+         "evaluate.audit=false", "evaluate.square_queries=10"]
+
+
+def _params(tmp_path: Path) -> Path:
+    raw = yaml.safe_load(STUDY.read_text())
+    raw |= {"runs": [0, 1], "baselines": [], "evaluate_models": ["dwf", "experts/benign"]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _rows(tmp_path: Path, robust: float = 0.5) -> dict[str, dict]:
+    path = _params(tmp_path)
+    p = load_params(path)
+    profiles = {"digits": load_params(path, "digits", SHORT).profile("digits")}
+    result = plan.plan(p, profiles, RATES, plan.Assumptions(robust=robust))
+    assert all(r["measured"] for r in result["rates"])
+    return {r["name"]: r for r in result["rows"]} | {"total": result["total"]}  # experts: one kind
+
+
+def test_plan_matches_hand_counted_hours(tmp_path):
+    rows = _rows(tmp_path)
+    seconds = {k: r["hours_per_job"] * 3600 for k, r in rows.items() if k != "total"}
+    # digits: 1437 training images, batch 64 -> 22 full batches = 1408 per epoch (last dropped)
+    assert seconds["expert benign"] == pytest.approx(10 * 1408 / 1000)            # 14.08 s
+    # PGD experts: iterations drawn from 1..5 (mean 3), an SGD step after them
+    assert seconds["expert pgd"] == pytest.approx(10 * 1408 * (3 / 2000 + 1 / 1000))  # 35.2 s
+    assert seconds["expert fgsm"] == pytest.approx(10 * 1408 * (1 / 2000 + 1 / 1000))
+    # joint: 4 epochs; FGSM + PGD-k (mean 3) through the mixture, SGD on [clean, FGSM, PGD]
+    assert seconds["joint dwf"] == pytest.approx(4 * 1408 * (4 / 200 + 3 / 100))  # 281.6 s
+    # protocol per test digit (360): attacks FGSM 1 + PGD-3 3 + PGD-4 x 2 8 + PGD-5 5 = 17;
+    # forwards clean 1 + FGSM check 1 + PGD-2/3 (last score 1, checks 2) + PGD-4 x 2 (last
+    # scores 2, ranking 2, check 1) + PGD-5 (last score 1, check 1) = 12
+    benign = rows["evaluate experts/benign"]["parts"]
+    assert benign["protocol"] / 2 * 3600 == pytest.approx(360 * (17 / 2000 + 12 / 4000))  # 4.14 s
+    # AutoAttack: APGD-CE (101 gradients, 1 clean check) on all 360; the undefended expert keeps
+    # nothing, so APGD-T, FAB-T and Square run on no example
+    assert benign["autoattack"] / 2 * 3600 == pytest.approx(360 * (101 / 2000 + 1 / 4000))
+    dwf = rows["evaluate dwf"]["parts"]
+    # the mixture: the same 17 + 12, plus one gate-usage forward
+    assert dwf["protocol"] / 2 * 3600 == pytest.approx(360 * (17 / 200 + 13 / 400))
+    # half of 360 robust: APGD-T 9 x 101 and FAB-T 9 x 100 gradients, FAB's 900 predictions
+    # and 10 Square queries on 180 digits
+    aa = 360 * (101 / 200 + 1 / 400) + 180 * ((909 + 900) / 200 + (900 + 10) / 400)
+    assert dwf["autoattack"] / 2 * 3600 == pytest.approx(aa)
+    assert rows["evaluate dwf"]["jobs"] == 2 and rows["total"]["jobs"] == 2 * (9 + 1 + 2)
+    once = (seconds["expert benign"] + 4 * seconds["expert fgsm"] + 4 * seconds["expert pgd"]
+            + seconds["joint dwf"] + seconds["evaluate dwf"] + seconds["evaluate experts/benign"])
+    assert rows["total"]["hours"] == pytest.approx(2 * once / 3600)  # 2 runs
+
+
+def test_robust_share_prices_the_attacks_after_the_first():
+    cfg = load_params(STUDY, "digits", []).profile("digits").evaluate
+    none, all_ = (plan.autoattack(cfg, "mixture", 100, r) for r in (0.0, 1.0))
+    assert none[("mixture", "attack")] == 100 * 101
+    assert all_[("mixture", "forward")] == 100 * (1 + 900 + 5000)
+    assert plan.strong(cfg, "mixture", 9, 9, 0) == plan.Counts()  # nobody left to attack
+
+
+def test_macs_hooks_agree_with_the_bench_count():
+    m = plan.network_macs(8, (1, 8, 8), 2)
+    assert m["expert"] == resnet18_macs(8, 10, (1, 8, 8))
+    router = 64 * 1024 + 1024 * 512 + 512 * 128 + 128 * 2
+    assert m["mixture"] == 2 * m["expert"] + router
+
+
+def test_missing_rates_are_extrapolated_and_said_so():
+    here = plan.network_macs(8, (1, 8, 8), 9)
+    there = {"expert": here["expert"] * 4, "mixture": here["mixture"] * 4}  # 4x the FLOPs there
+    pricing = plan.Pricing({"t": _table({"expert": {"attack": 100.0}})}, here, lambda t: there)
+    attack = pricing.rate("t", "expert", "attack")
+    assert attack.per_s == pytest.approx(400.0) and not attack.measured
+    forward = pricing.rate("t", "mixture", "forward")  # from the expert's attack, then x 2
+    assert forward.per_s == pytest.approx(2 * 100.0 * there["expert"] / here["mixture"])
+    assert "attack rate x 2" in forward.source and not forward.measured
+    with pytest.raises(ValueError, match="no 'u' table"):
+        pricing.rate("u", "expert", "attack")
+
+
+def _dwf(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_cli_prints_the_total_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
+             "--json", str(out))
+    assert r.exit_code == 0, r.output
+    assert "| **total** | 120 |" in r.stdout and "measured" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 6 + 8)
+    assert result["total"]["hours"] == pytest.approx(
+        sum(s["hours"] for s in result["stages"].values()))
+
+
+def test_cli_bad_override_is_one_line_exit_2(tmp_path):
+    r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
+             "--set", "expert.epochs=zero")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "expert.epochs" in r.stderr
+
+
+def test_cli_refuses_to_write_its_json_over_an_input(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes(STUDY.read_bytes())
+    r = _dwf("plan", "--params", str(params), "--json", str(params))
+    assert r.exit_code == 2 and params.read_bytes() == STUDY.read_bytes()
