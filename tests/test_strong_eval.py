@@ -9,7 +9,7 @@ import pytest
 import torch
 from _models import EPS, digits_root, first_test_images, mixture, trained
 
-from dwf import adaptive, attacks, metricsfile, models
+from dwf import adaptive, attacks, audit, metricsfile, models
 from dwf import evaluate as ev
 from dwf.config import EvalConfig
 from dwf.data import load_split
@@ -177,3 +177,26 @@ def test_every_attack_of_the_suites_has_a_record_with_its_real_budget():
     assert records["strong/transfer_src"].target == "transfer:src"
     aa = adaptive.autoattack_records(eps=0.1, square_queries=300)
     assert (aa["apgd-t"].restarts, aa["square"].steps, aa["square"].loss) == (9, 300, "square")
+
+
+def test_the_audit_judges_square_by_autoattacks_own_square_without_a_second_run(root, plain,
+                                                                                 monkeypatch):
+    """AutoAttack's Square ran on every example its gradient attacks left (a superset of what
+    every white-box attack left), so the audit's Square check reads it instead of running a
+    second 5000-query Square (issue 12: no duplicated passes); with AutoAttack on a first-N
+    subset smaller than the audited examples, the audit runs its own."""
+    x, y = load_split("digits", root, "test")
+    # a small ball: most examples survive the white-box attacks, so a Square would run
+    cfg = dataclasses.replace(CFG, n_examples=12, autoattack_n=0, audit=True, audit_n=12,
+                              pgd_eps=0.02, pgd_alpha=0.005, fgsm_eps=(0.02,))
+    calls = []
+    real = adaptive.square
+    monkeypatch.setattr(adaptive, "square", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics = ev.evaluate(plain, x, y, cfg=cfg, seed=0, device=CPU, progress=False)
+    check = metrics["audit"]["square_vs_whitebox"]["value"]
+    assert check["square_run"] == "autoattack" and not calls
+    worst = torch.tensor([c == "1" for c in metrics["per_example"]["worst_case_correct"]])
+    assert check["then_square"] == audit.accuracy(worst)  # white-box, then Square: the worst case
+    mine = ev.evaluate(plain, x, y, cfg=dataclasses.replace(cfg, autoattack_n=6), seed=0, device=CPU,
+                       progress=False)
+    assert mine["audit"]["square_vs_whitebox"]["value"]["square_run"] == "audit" and calls

@@ -88,12 +88,16 @@ def _monotone(accs: list[float], n: int) -> bool:
 
 
 def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_step: Callable,
-                  square: Callable | None, whitebox: torch.Tensor | None = None) -> dict[str, Check]:
+                  square: Callable | None, whitebox: torch.Tensor | None = None,
+                  square_done: torch.Tensor | None = None) -> dict[str, Check]:
     """Checks that run attacks: eps and iteration sweeps, large eps, convergence, Square.
 
     The audited PGD is the strong budget (cfg.strong_steps x cfg.strong_restarts) at pgd_eps.
     `whitebox` (bool per audited example, CPU): correct under every white-box attack the
     evaluation ran; Square is then judged against all of them, not only the audit's own PGD.
+    `square_done` (bool per audited example, CPU): correctness after a Square that already ran
+    on every example the white-box attacks left (AutoAttack's, which runs last on what its
+    gradient attacks left); then no second Square runs, and `square` is not called.
     """
     n, eps, k, r = len(clean), cfg.pgd_eps, cfg.strong_steps, cfg.strong_restarts
     ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25  # step size as a share of eps
@@ -124,12 +128,15 @@ def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_ste
         "large_eps_zero": _check(accuracy(large) <= NEAR_ZERO, {"eps": LARGE_EPS, "acc": accuracy(large)}),
         "converged": converged_check(base, doubled, iters[-2:], whitebox),
     }
-    if square is not None:
-        sq = aud.correct(lambda m, x, y: square(m, x, y, eps=eps), eps, only=best_white)
-        gain = accuracy(~sq)  # run only where white-box failed: what Square alone fools
+    if square_done is not None or square is not None:
+        if square_done is not None:  # fooled by that Square where white-box attacks failed
+            sq, source = square_done[:n] | ~best_white, "autoattack"
+        else:
+            sq, source = aud.correct(lambda m, x, y: square(m, x, y, eps=eps), eps, only=best_white), "audit"
+        gain = accuracy(~sq)  # ran (or counts) only where white-box failed: what Square alone fools
         checks["square_vs_whitebox"] = _check(gain <= SQUARE_SLACK, {
             "whitebox_worst_case": accuracy(best_white), "then_square": accuracy(best_white & sq),
-            "square_only_pct": gain})
+            "square_only_pct": gain, "square_run": source})
     checks["in_ball"] = _check(aud.max_excess <= 1e-6, {"max_excess": aud.max_excess})
     return checks
 
@@ -350,7 +357,8 @@ def worst_case_check(metrics: dict[str, Any], flags: dict[str, torch.Tensor]) ->
 
 def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig, seed: int,
           attack: Callable = attacks.pgd, single_step: Callable = attacks.fgsm,
-          square: Callable | None = None, whitebox: torch.Tensor | None = None) -> dict[str, Check]:
+          square: Callable | None = None, whitebox: torch.Tensor | None = None,
+          square_done: torch.Tensor | None = None) -> dict[str, Check]:
     """Every check on audited examples x, y (on the model's device, model in eval mode).
 
     Args:
@@ -358,12 +366,14 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig
         square: gradient-free attack (model, x, y, *, eps) -> x_adv, or None to skip that check.
         whitebox: per-example correctness under the evaluation's white-box attacks (None: the
             audit's own PGD and FGSM alone stand for them in the Square check).
+        square_done: per-example correctness after a Square the evaluation already ran on every
+            example its white-box attacks left (see attack_checks), or None.
     Returns:
         {check name: {"pass": bool, "value": figure}}.
     """
     aud = Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=seed)
     clean = aud.correct(lambda m, xb, yb: xb, 0.0)
-    checks = attack_checks(aud, cfg, clean, single_step, square, whitebox)
+    checks = attack_checks(aud, cfg, clean, single_step, square, whitebox, square_done)
     xb, yb = x[:cfg.batch_size], y[:cfg.batch_size]
     checks["gradients_nonzero"] = gradient_check(model, xb, yb)
     checks["deterministic"] = determinism_check(model, xb)
