@@ -32,6 +32,7 @@ NOT_READ = {
     "joint": {"src/dwf/config/evaluate.py"},
     "baseline": {"src/dwf/config/evaluate.py"},
     "evaluate": {"src/dwf/config/train.py"},
+    "forensics": {"src/dwf/config/train.py"},
     "aggregate": SECTIONS,
 }
 

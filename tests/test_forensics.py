@@ -222,7 +222,7 @@ def test_cli_writes_the_sweep_and_prints_the_section(tmp_path, tiny_params, monk
     assert set(saved["models"]) == {"experts/benign", "dwf"}
     assert saved["models"]["experts/benign"]["variants"]["softmax_mixture"] is None
     assert saved["steps"] == [1, 2] and saved["eps"] == 0.1 and saved["n_examples"] == 8
-    assert forensics.section(saved) in r.stdout
+    assert saved["section"] == forensics.section(saved) and saved["section"] in r.stdout
 
 
 @pytest.mark.parametrize("args, says", [

@@ -238,3 +238,16 @@ def test_a_metrics_file_without_attack_records_is_refused_naming_it(tmp_path):
     write_metrics(tmp_path / "m.json", metrics)
     with pytest.raises(ValueError, match=r"m\.details\.json: no attack records"):
         metricsfile.read(tmp_path / "m.json")
+
+
+def test_the_comparison_page_carries_the_forensics_section_of_the_first_run(study):
+    """`dwf forensics` renders its section into its JSON; aggregate prints it on the comparison
+    page (issue 13 item 4) and refuses a forensics file without one in one line."""
+    path = paths.forensics("digits", 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"section": "## Protocol forensics: marker\n\nclamp_normalized: pattern\n"}))
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    page = (study / "reports" / "comparison.md").read_text()
+    assert "# digits (CPU study): protocol forensics" in page and "### Protocol forensics: marker" in page
+    path.write_text(json.dumps({"steps": [10]}))
+    _one_line_error(dwf("aggregate", "--params", "params.yaml"), "not a dwf forensics file")

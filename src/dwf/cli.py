@@ -439,7 +439,7 @@ def forensics(undefended: Annotated[str, typer.Option(
     p, prof, dev = _context(params, dataset, set_, device)
     cfg = prof.evaluate
     checkpoints = {name: paths.model(dataset, run, name) for name in names}
-    out = out or Path(f"metrics/forensics/{dataset}/run{run}.json")  # names checked by _context
+    out = out or paths.forensics(dataset, run)  # names checked by _context
     _refuse_overlap([out], [params, Path(p.data_root) / dataset, *checkpoints.values()])
     models = {name: load_model(c, dev, dataset=dataset) for name, c in checkpoints.items()}
     x, y = load_split(dataset, Path(p.data_root), "test")
@@ -450,8 +450,9 @@ def forensics(undefended: Annotated[str, typer.Option(
                      batch_size=cfg.batch_size, seed=derive_seed(p.seed, run, dataset, "forensics"),
                      progress=say)
     result["checkpoints"] = {name: str(c) for name, c in checkpoints.items()}
+    result["section"] = section(result)  # the comparison page's, rendered here: no torch in report
     _write_json(out, result)
-    typer.echo(section(result))
+    typer.echo(result["section"])
     typer.echo(f"wrote {out}")
 
 
@@ -473,10 +474,22 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
     _refuse_overlap([summary, reports], [params, *runs, *map(details_path, runs)])
     per_run = load_runs(p.datasets, p.runs, p.evaluate_models)
     result = collect(per_run)  # numbers only; environments: in each run's details file
-    publish(result, per_run, reports, summary)
+    found = {d: paths.forensics(d, p.runs[0]) for d in p.datasets}  # dwf forensics, if it ran
+    publish(result, per_run, reports, summary, {d: _section(f) for d, f in found.items() if f.is_file()})
     records = attack_records(all_runs(per_run))
     typer.echo(render(result, "table2", records) + "\n" + render(result, "table3", records))
     typer.echo(f"wrote {summary} and {reports}/")
+
+
+def _section(path: Path) -> str:
+    """The Markdown section a `dwf forensics` JSON carries (one-line error if it has none)."""
+    try:
+        section = json.loads(path.read_bytes())["section"]
+    except (ValueError, KeyError, TypeError):
+        section = None
+    if not isinstance(section, str):
+        _fail(f"{path}: not a dwf forensics file (re-run `dwf forensics`)")
+    return section
 
 
 @app.command()

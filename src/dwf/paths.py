@@ -49,6 +49,11 @@ def evaluation(dataset: str, run: int, name: str) -> Path:
     return Path(f"metrics/runs/{_run_dir(dataset, run)}/eval/{name}.json")
 
 
+def forensics(dataset: str, run: int) -> Path:
+    """Protocol forensics of one run (dwf forensics; the comparison page's last section)."""
+    return Path(f"metrics/forensics/{_run_dir(dataset, run)}.json")
+
+
 def project_root(checkpoint: Path) -> Path | None:
     """The project a checkpoint at <root>/models/<dataset>/run<r>/<name>.pt belongs to (the
     folder its pipeline ran in), or None for a checkpoint elsewhere. Symlinks are not followed:

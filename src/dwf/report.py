@@ -274,11 +274,12 @@ def _paper_cell(v: Any) -> tuple[float, float] | None:
     return (float(v["mean"]), float(v.get("std", 0.0))) if isinstance(v, dict) else (float(v), 0.0)
 
 
-def comparison(summary: dict, paper: dict) -> str:
+def comparison(summary: dict, paper: dict, forensics: dict[str, str] | None = None) -> str:
     """Our mean ± std beside the paper's printed value; flags differences beyond the spread.
 
     A difference is flagged when |ours - paper| exceeds 2 x the larger of the two standard
-    deviations, and at least one point (a single run has no spread of its own).
+    deviations, and at least one point (a single run has no spread of its own). `forensics`:
+    per dataset, the protocol forensics section (`dwf forensics`), printed after its table.
     """
     lines = ["# dwf vs the paper's printed values", "",
              f"Source: {paper.get('source', 'paper tables')}. Flag: |ours - paper| > max(1, 2 x std).", ""]
@@ -299,10 +300,14 @@ def comparison(summary: dict, paper: dict) -> str:
                 flag = "**differs**" if abs(diff) > max(1.0, 2 * max(s["std"], p[1])) else ""
                 lines.append(f"| {LABELS.get(m, m)} | {k} | {_cell(s)} | {p[0]:.2f} | {diff:+.2f} | {flag} |")
         lines.append("")
+    for d in summary:
+        if forensics and d in forensics:
+            lines += [f"# {DATASET_LABELS.get(d, d)}: protocol forensics", "", forensics[d].replace("## ", "### ", 1)]
     return "\n".join(lines)
 
 
-def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path) -> None:
+def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path,
+            forensics: dict[str, str] | None = None) -> None:
     """The reports folder and the summary JSON from one snapshot, all or nothing.
 
     Everything is rendered into a temporary sibling of `reports` first; only then are the old
@@ -322,7 +327,7 @@ def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path) -> 
             os.fsync(f.fileno())
         os.chmod(staged_summary, 0o644)  # mkstemp makes 0600 (0700 for folders); outputs are
         os.chmod(staged, 0o755)          # shared through DVC
-        write_reports(summary, staged, per_run)
+        write_reports(summary, staged, per_run, forensics)
         _swap(staged, reports, lambda: os.replace(staged_summary, summary_path))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
@@ -363,9 +368,10 @@ def _check_replaceable(folder: Path) -> None:
                              "--reports must name a folder of reports only")
 
 
-def write_reports(summary: dict, out_dir: Path, per_run: dict) -> list[Path]:
+def write_reports(summary: dict, out_dir: Path, per_run: dict,
+                  forensics: dict[str, str] | None = None) -> list[Path]:
     """Every report file from a summary and the per-run metrics it was made from (the audit,
-    the statistics, the attack records); returns the paths written."""
+    the statistics, the attack records) and the forensics sections; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = attack_records(all_runs(per_run))
     p = out_dir / "audit.md"
@@ -385,5 +391,5 @@ def write_reports(summary: dict, out_dir: Path, per_run: dict) -> list[Path]:
     p.write_text(statistics_table(per_run))
     written.append(p)
     p = out_dir / "comparison.md"
-    p.write_text(comparison(summary, paper_values()))
+    p.write_text(comparison(summary, paper_values(), forensics))
     return written + [p]
