@@ -2,7 +2,10 @@
 #   snakemake -n                                   # dry run: list every job
 #   snakemake --workflow-profile profiles/slurm    # submit to SLURM (GPU jobs as resources)
 #   snakemake --config joint_gpus=4 ...            # joint training over 4 GPUs (torchrun, DDP)
-# Outputs land at the paths dvc.yaml declares; record them with `dvc commit` (README).
+#   cd studies/digits && snakemake -s ../../Snakefile --cores 2   # a study: its folder, its params
+# Outputs land at the paths dvc.yaml declares; record them with `dvc commit -f dvc.yaml` (no
+# prompt). Snakemake judges by file times, which `dvc pull` leaves in no particular order: after
+# a pull, `snakemake --touch` once marks the restored files up to date (README).
 
 import sys
 
@@ -125,6 +128,22 @@ rule evaluate:
         " --model {wildcards.model:q} --quiet > {log:q} 2>&1"
 
 
+# Protocol forensics on the first run (dvc.yaml's forensics stage); the comparison page prints it
+rule forensics:
+    input:
+        "data/{dataset}/manifest.json",
+        "models/{dataset}/run{run}/dwf.pt",
+        "models/{dataset}/run{run}/experts/benign.pt",
+    output:
+        "metrics/forensics/{dataset}/run{run}.json",
+    log:
+        "logs/forensics/{dataset}/run{run}.log",
+    resources:
+        gpu=1,
+    shell:
+        "dwf forensics --dataset {wildcards.dataset:q} --run {wildcards.run:q} --quiet > {log:q} 2>&1"
+
+
 rule aggregate:
     input:
         expand(
@@ -133,6 +152,7 @@ rule aggregate:
             run=RUNS,
             model=MODELS,
         ),
+        expand("metrics/forensics/{dataset}/run{run}.json", dataset=DATASETS, run=RUNS[:1]),
     output:
         "metrics/summary.json",
     log:

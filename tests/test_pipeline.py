@@ -45,9 +45,10 @@ def project_copy(dst: Path, params: dict | None = None) -> Path:
     """The project's sources and pipeline files in `dst`, optionally with other params."""
     def ignore(folder: str, names: list[str]) -> list[str]:
         top = Path(folder) == ROOT
-        study = Path(folder).parent == ROOT / "studies"  # a study's outputs (e.g. after `make demo`)
+        # a study's outputs (e.g. after `make demo`) and its in-repo DVC remote (.dvc/config)
+        study = Path(folder).parent == ROOT / "studies"
         return [n for n in names if n in ANY_SKIP or n.endswith((".egg-info", ".resume"))
-                or (top and n in TOP_SKIP) or (study and n in TOP_SKIP)]
+                or (top and n in TOP_SKIP) or (study and n in TOP_SKIP | {"remote"})]
 
     shutil.copytree(ROOT, dst, ignore=ignore)
     (dst / ".dvc").mkdir()
