@@ -275,3 +275,12 @@ def test_cli_evaluates_an_external_torchvision_model(tiny_params, tmp_path, monk
     wrong = runner.invoke(app, ["evaluate", "--external", "vgg11", "--weights", str(weights),
                                 "--params", str(tiny_params), "--out", str(out), "--quiet"])
     assert wrong.exit_code == 2 and "does not fit" in wrong.output
+
+
+def test_cli_refuses_a_published_network_on_another_dataset(tiny_params, tmp_path, monkeypatch):
+    """An SVHN network of [40] evaluated on digits (or CIFAR-10) is refused before any work."""
+    torch.save({}, tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--external", "dadalto:resnet34", "--weights",
+                                      str(tmp_path / "w.pth"), "--params", str(tiny_params), "--quiet"])
+    assert result.exit_code == 2 and "trained on svhn, not digits" in result.output

@@ -334,7 +334,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
     if external:
         arch = _arch(dataset, prof)
         model = load_external(external, weights, num_classes=arch["num_classes"], mean=arch["mean"],
-                              std=arch["std"], device=dev)
+                              std=arch["std"], device=dev, dataset=dataset)
     else:
         model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
