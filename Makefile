@@ -24,9 +24,9 @@ demo: install
 	cd $(STUDY) && dvc repro $(DEMO_TARGETS) && dwf table $(DEMO_METRICS)
 
 # The study runs its jobs two at a time through the Snakefile (the same commands as dvc.yaml),
-# then records them in dvc.lock: `dvc repro` runs one stage after another, and most of the
-# study's stages are single ResNet-18s whose small convolutions do not use a second thread
-# (docs/performance.md). `dvc repro` there gives the same files (tests/test_pipeline.py).
+# then records them in dvc.lock: `dvc repro` runs one stage after another, and a job's second
+# thread buys 15-63% where a second job doubles the work done (cpu_threads: 1;
+# docs/performance.md). `dvc repro` there gives the same files (tests/test_pipeline.py).
 study: install
 	cd $(STUDY) && snakemake -s ../../Snakefile --cores 2 --quiet rules \
 		&& dvc commit -f dvc.yaml && cat reports/table2.md reports/table3.md

@@ -4,7 +4,6 @@ pipeline's outputs or their own inputs), and its one-line, exit-code-2 input err
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -247,15 +246,3 @@ def test_module_entry_point(workdir, tiny_params):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
-
-def test_the_console_entry_makes_openmp_threads_wait_passively_unless_told(tmp_path):
-    """Spinning OpenMP threads collapse on a shared CPU (docs/performance.md); the `dwf`
-    entry sets OMP_WAIT_POLICY=PASSIVE before torch loads, and keeps a user's own value."""
-    probe = ("import os, sys; from dwf import cli; sys.argv = ['dwf', '--help']\n"
-             "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint(os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("PASSIVE")
-    out = subprocess.run([sys.executable, "-c", probe], env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("ACTIVE")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -597,11 +596,6 @@ def plan(params: ParamsOpt = Path("params.yaml"),
 
 def main() -> None:
     """Console entry: like `app()`, but a bad option or argument is one line and exit code 2."""
-    # OpenMP threads that spin while waiting collapse when anything else runs on the cores: a
-    # 2-thread PGD step through DWF at digits shape took 0.6-2.7 s with spinning and 0.145 s
-    # passive, on 2 busy cores (docs/performance.md). Read when torch loads OpenMP, i.e. before
-    # any command imports torch; it changes no result. The user's own setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         code = app(prog_name="dwf", standalone_mode=False)
     except typer.Abort:
