@@ -91,7 +91,21 @@ def test_robust_share_prices_the_attacks_after_the_first():
     none, all_ = (plan.autoattack(cfg, "mixture", 100, r) for r in (0.0, 1.0))
     assert none[("mixture", "attack")] == 100 * 101
     assert all_[("mixture", "forward")] == 100 * (1 + 900 + 5000)
-    assert plan.strong(cfg, "mixture", 9, 9, 0) == plan.Counts()  # nobody left to attack
+    assert plan.strong(cfg, "mixture", 9, 9, 0) == plan.Counts()  # no examples, no passes
+
+
+def test_the_audit_runs_its_own_square_only_where_autoattack_did_not_cover_it(tmp_path):
+    """dwf.evaluate reads AutoAttack's Square for the audit's Square check when AutoAttack ran
+    on every audited example; the plan prices a second Square only otherwise."""
+    cfg = load_params(STUDY, "digits", []).profile("digits").evaluate
+    mine, read = (plan.audit(cfg, "mixture", 100, 0.5, square=s) for s in (True, False))
+    assert mine[("mixture", "forward")] - read[("mixture", "forward")] == 50 * (cfg.square_queries + 1)
+    path = _params(tmp_path)
+    p = load_params(path)
+    for extra, own in (([], False), (["evaluate.autoattack_n=100"], True)):
+        profiles = {"digits": load_params(path, "digits", extra).profile("digits")}
+        parts = plan.evaluation_parts(p, "digits", profiles["digits"], "dwf", plan.Assumptions())
+        assert parts["audit"] == plan.audit(profiles["digits"].evaluate, "mixture", 360, 0.55, square=own)
 
 
 def test_macs_hooks_agree_with_the_bench_count():

@@ -11,8 +11,9 @@ per pass, a table per device under docs/bench/); a network or pass the table lac
 a measured one by forward multiply-accumulates, and said to be extrapolated.
 
 Evaluation counts follow dwf.evaluate, dwf.adaptive and dwf.audit. Two things depend on the
-model's robustness and are assumptions (`Assumptions`): the strong attacks, AutoAttack after
-APGD-CE and the audit's Square run only on the examples still robust.
+model's robustness and are assumptions (`Assumptions`): AutoAttack after APGD-CE, and the
+audit's own Square where AutoAttack did not cover the audited examples, run only on the examples
+still robust.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ Counts = Counter  # (network, pass) -> passes, summed over examples
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
     """What the plan cannot count from params: the share of evaluated examples still robust
-    after the paper's protocol and APGD-CE (the strong attacks, the rest of AutoAttack and the
-    audit's Square run on those only). Defaults: the digits demo (DWF 55.0% after PGD-100 x 3,
+    after the paper's protocol and APGD-CE (the rest of AutoAttack, and the audit's own Square
+    where it runs one, run on those only). Defaults: the digits demo (DWF 55.0% after PGD-100 x 3,
     its benign expert 0.0%, README); every example correct on clean inputs (an upper bound)."""
 
     robust: float = 0.55       # adversarially trained models
@@ -191,10 +192,11 @@ def autoattack(cfg: Any, net: str, n: int, robust: float) -> Counts:
                       forward=TARGETS * FAB_ITERS + cfg.square_queries))
 
 
-def audit(cfg: Any, net: str, n: int, robust: float) -> Counts:
+def audit(cfg: Any, net: str, n: int, robust: float, square: bool = True) -> Counts:
     """dwf.audit on n examples: the eps sweep, FGSM, the iteration sweep and its doubling,
-    large eps, the binarization test, Square on the robust share; the model checks on one
-    batch. The known-adversary test attacks a linear probe (no model pass)."""
+    large eps, the binarization test, with `square` its own Square on the robust share (else
+    AutoAttack's is read); the model checks on one batch. The known-adversary test attacks a
+    linear probe (no model pass)."""
     from dwf.audit import EPS_FRACTIONS, INNER_SAMPLES
 
     k, r = cfg.strong_steps, cfg.strong_restarts
@@ -206,7 +208,7 @@ def audit(cfg: Any, net: str, n: int, robust: float) -> Counts:
     batch = min(cfg.batch_size, n)  # input gradients (CE, margin), determinism (2), logits (1)
     return (_passes(net, n, attack=sum(a for a, _ in runs), forward=forward)
             + _passes(net, batch, attack=2, forward=3)
-            + _passes(net, robust * n, forward=cfg.square_queries + 1))
+            + _passes(net, robust * n if square else 0, forward=cfg.square_queries + 1))
 
 # ---------------------------------------------------------------- networks and rates
 
@@ -374,13 +376,15 @@ def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
     parts = {"protocol": protocol(cfg, net, n)}
     if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
         parts["protocol"] += _passes(net, n, forward=1)
-    if cfg.strong:  # on the examples the protocol left robust; transfer from DWF's own experts
+    if cfg.strong:  # on every example; transfer from DWF's own experts
         sources = len(params.experts) if model == "dwf" else 0
-        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, robust * n)
+        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n)
+    n_aa, n_audit = min(cfg.autoattack_n or n, n), min(cfg.audit_n or n, n)
     if cfg.autoattack:
-        parts["autoattack"] = autoattack(cfg, net, min(cfg.autoattack_n or n, n), robust)
-    if cfg.audit:
-        parts["audit"] = audit(cfg, net, min(cfg.audit_n or n, n), robust)
+        parts["autoattack"] = autoattack(cfg, net, n_aa, robust)
+    if cfg.audit:  # AutoAttack's Square, where it covered the audited examples, is the audit's
+        own_square = not (cfg.autoattack and n_aa >= n_audit)
+        parts["audit"] = audit(cfg, net, n_audit, robust, square=own_square)
     return parts
 
 
