@@ -119,13 +119,14 @@ def test_study_from_fresh_clones_pulls_compares_and_commits_snakemake_outputs(tm
     assert dwf["n_examples"] == {"old": 40, "new": 20, "diff": -20}
     assert all(isinstance(v["old"], (int, float)) and isinstance(v["new"], (int, float)) for v in dwf.values())
 
-    # the same change from a clone without the models: DVC pulls what the evaluations read and
-    # trains nothing; its numbers are Snakemake's
+    # the same change from a clone without the models: DVC pulls what the evaluations (and the
+    # forensics, which reads the evaluation settings) read and trains nothing; its numbers are
+    # Snakemake's
     third = tmp_path / "third"
     sh(tmp_path, "git", "clone", "-q", str(first), str(third))
     _set_n_examples(third / STUDY, 20)
     ran = _ran(sh(third / STUDY, "dvc", "repro", "--pull", "--allow-missing").stdout)
-    assert ran and all(s.startswith(("evaluate@", "aggregate")) for s in ran), ran
+    assert ran and all(s.startswith(("evaluate@", "forensics@", "aggregate")) for s in ran), ran
     for model in ("dwf", "experts/benign", "resnet18"):
         path = STUDY / "metrics" / "runs" / "digits" / "run0" / "eval" / f"{model}.json"
         assert (third / path).read_bytes() == (second / path).read_bytes(), model
