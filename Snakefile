@@ -70,6 +70,8 @@ rule expert:
         "metrics/runs/{dataset}/run{run}/train/{expert}.json",
     log:
         "logs/expert/{dataset}/run{run}/{expert}.log",
+    # the experts and the joint training are the longest chain (DWF's evaluation waits on it)
+    priority: 2
     resources:
         gpu=1,
     shell:
@@ -86,6 +88,7 @@ rule joint:
         "metrics/runs/{dataset}/run{run}/train/dwf.json",
     log:
         "logs/joint/{dataset}/run{run}.log",
+    priority: 3
     resources:
         gpu=JOINT_GPUS,
     params:
@@ -121,11 +124,14 @@ rule evaluate:
         "metrics/runs/{dataset}/run{run}/eval/{model}.details.json",
     log:
         "logs/evaluate/{dataset}/run{run}/{model}.log",
+    # its independent attacks run in {threads} processes (dwf.workers; the results do not depend
+    # on the number): scaled down to --cores on one machine, one process on a GPU
+    threads: 8
     resources:
         gpu=1,
     shell:
         "dwf evaluate --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
-        " --model {wildcards.model:q} --quiet > {log:q} 2>&1"
+        " --model {wildcards.model:q} --workers {threads} --quiet > {log:q} 2>&1"
 
 
 # Protocol forensics on the first run (dvc.yaml's forensics stage); the comparison page prints it

@@ -28,8 +28,8 @@ def data(tmp_path_factory):
 
 def _attack_checks(model, x, y, attack=attacks.pgd, cfg=CFG, square=SQUARE):
     aud = audit.Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=0)
-    clean = aud.correct(lambda m, xb, yb: xb, 0.0)
-    return audit.attack_checks(aud, cfg, clean, attacks.fgsm, square)
+    runs = {name: part.run() for name, part in audit.attack_parts(aud, cfg, attacks.fgsm).items()}
+    return audit.attack_checks(runs, cfg, audit.square_run(model, x, y, cfg, square))
 
 
 # ---------------------------------------------------------------- broken models and attacks

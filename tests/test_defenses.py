@@ -9,9 +9,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dwf import checkpoint, data, models
+from dwf import checkpoint, data, models, report
 from dwf.cli import app
-from dwf.config import Baselines, ConfigError, parse_params
+from dwf.config import (Baselines, ConfigError, Defense, ZooConfig, arch_kwargs, load_params,
+                        parse_params)
 from dwf.defenses import DEFENSES, advmoe, at, train_defense, trades
 from dwf.defenses.advmoe import expert_step
 from dwf.defenses.soe import soe_loss
@@ -54,25 +55,52 @@ def _tiny(cfg):
 # ---------------------------------------------------------------- registry and settings
 
 
-def test_every_defense_has_settings_in_every_profile(params):
-    assert set(DEFENSES) == {f.name for f in dataclasses.fields(Baselines)}
-    for dataset in ("cifar10", "svhn", "digits"):
+def test_the_paper_trains_and_evaluates_every_registered_defense(params):
+    assert set(params.baselines) == set(DEFENSES)
+    assert set(DEFENSES) <= set(params.evaluate_models)
+    for dataset in ("cifar10", "svhn"):
         for name in DEFENSES:
-            assert params.profile(dataset).baselines.get(name).epochs >= 1
+            cfg = params.profile(dataset).baselines.get(name)
+            assert isinstance(cfg, DEFENSES[name].settings) and cfg.epochs >= 1
 
 
 def test_paper_settings_reach_the_baselines(params):
     b = params.profile("cifar10").baselines
-    assert b.resnet18_fgsm_at.fgsm_eps == (0.03,) and b.resnet18_fgsm_at.adv_fraction == 0.5
-    assert b.resnet18_pgd_at.pgd_eps == pytest.approx(8 / 255) and b.resnet18_pgd_at.pgd_steps == (10,)
-    assert (b.advmoe.epochs, b.advmoe.lr, b.advmoe.pgd_steps) == (200, 0.1, (2,))
-    assert (b.soe.epochs, b.soe.lr, b.soe.batch_size) == (200, 0.1, 128)
+    fgsm_at, pgd_at = b.get("resnet18_fgsm_at"), b.get("resnet18_pgd_at")
+    assert fgsm_at.fgsm_eps == (0.03,) and fgsm_at.adv_fraction == 0.5
+    assert pgd_at.pgd_eps == pytest.approx(8 / 255) and pgd_at.pgd_steps == (10,)
+    advmoe_cfg, soe_cfg = b.get("advmoe"), b.get("soe")
+    assert (advmoe_cfg.epochs, advmoe_cfg.lr, advmoe_cfg.pgd_steps) == (200, 0.1, (2,))
+    assert (soe_cfg.epochs, soe_cfg.lr, soe_cfg.batch_size) == (200, 0.1, 128)
     assert params.profile("svhn").baselines == b  # svhn merges the cifar10 anchor
+
+
+def _optimizer(cfg):
+    return cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay
+
+
+@pytest.mark.parametrize("name, width", [("vgg19", 64), ("resnet34", 64), ("resnet50", 64),
+                                         ("densenet121", 12), ("densenet169", 32), ("googlenet", 64),
+                                         ("inception_v3", 32), ("xception", 32), ("mobilenet_v2", 32)])
+def test_zoo_rows_train_plainly_at_their_sources_width(params, name, width):
+    b = params.profile("cifar10").baselines
+    assert DEFENSES[name].arch == name and DEFENSES[name].undefended
+    assert _optimizer(b.get(name)) == _optimizer(b.get("resnet18"))  # Table 5, as resnet18
+    assert arch_kwargs(name, ARCH, b.get(name)) == {**ARCH, "width": width}  # not ResNet-18's
+
+
+def test_arch_settings_extend_the_profiles_arguments(params):
+    b = params.profile("digits").baselines
+    assert arch_kwargs("resnet18", ARCH, b.get("resnet18")) == ARCH
+    assert arch_kwargs("soe", ARCH, b.get("soe")) == {**ARCH, "n_submodels": 3}
+    assert arch_kwargs("advmoe", ARCH, b.get("advmoe")) == {
+        **ARCH, "n_experts": 2, "ratio": 0.5, "router_width": 4, "router_blocks": 1}
 
 
 @pytest.mark.parametrize("section, message", [
     ({"soe": {"epochs": 1, "n_experts": 2}}, "baselines.soe.n_experts: unknown key"),
     ({"vgg": {"epochs": 1}}, "baselines.vgg: unknown key"),
+    ({"vgg19": {"epochs": 1}}, "baselines.vgg19: .*'width'"),  # a zoo row's width is required
     ({"advmoe": {"epochs": 1, "router_objective": "both"}}, "router_objective"),
     ({"resnet18_pgd_at": {"epochs": 1, "adv_fraction": 1.5}}, "adv_fraction"),
 ])
@@ -91,7 +119,11 @@ def test_missing_settings_are_named():
 # ---------------------------------------------------------------- training, one short epoch each
 
 
-@pytest.mark.parametrize("name", list(DEFENSES))
+def _study_baselines() -> list[str]:
+    return yaml.safe_load(STUDY.read_text())["baselines"]
+
+
+@pytest.mark.parametrize("name", _study_baselines())
 def test_each_defense_trains_and_reloads(name, params, tiny_train, tmp_path):
     cfg = _tiny(params.profile("digits").baselines.get(name))
     out = tmp_path / f"{name}.pt"
@@ -130,7 +162,7 @@ def test_hard_routed_models_are_plain_classifiers(arch, kwargs):
 
 
 def test_a_phase_moves_only_its_parameters(tiny_train, params, tmp_path):
-    cfg = _tiny(params.profile("digits").baselines.advmoe)
+    cfg = _tiny(params.profile("digits").baselines.get("advmoe"))
     torch.manual_seed(0)
     model = ADVMoEResNet18(n_experts=2, **ARCH, router_width=4, router_blocks=1)
     router = [p.clone() for p in model.router_parameters()]
@@ -151,7 +183,7 @@ def test_a_phase_moves_only_its_parameters(tiny_train, params, tmp_path):
 
 
 def test_alternating_training_resumes_exactly(tiny_train, params, tmp_path):
-    cfg = dataclasses.replace(_tiny(params.profile("digits").baselines.advmoe), epochs=2)
+    cfg = dataclasses.replace(_tiny(params.profile("digits").baselines.get("advmoe")), epochs=2)
     kwargs = {**ARCH, "router_width": 4, "router_blocks": 1}
 
     def train(phases, resume_path):
@@ -185,7 +217,7 @@ def test_alternating_training_resumes_exactly(tiny_train, params, tmp_path):
 
 
 def test_at_attacks_only_the_adversarial_fraction(params):
-    cfg = params.profile("digits").baselines.resnet18_fgsm_at
+    cfg = params.profile("digits").baselines.get("resnet18_fgsm_at")
     torch.manual_seed(0)
     model = models.build("resnet18", **ARCH).eval()
     x, y = torch.rand(10, *SHAPE), torch.arange(10)
@@ -253,6 +285,28 @@ def test_cli_trains_a_baseline(tiny_params, tmp_path):
     assert checkpoint.load(out)["defense"] == "resnet18"
     bad = runner.invoke(app, ["train", "--defense", "vgg", "--params", str(tiny_params), "--quiet"])
     assert bad.exit_code == 2 and "--defense" in bad.output
+
+
+def test_a_new_row_is_one_registry_entry(defense_data, tmp_path, monkeypatch):
+    """A made-up defense, registered only in DEFENSES: parsed from params, trained by
+    `dwf train --defense`, labelled in the tables."""
+    monkeypatch.setitem(DEFENSES, "made_up", Defense("Made-up net", ZooConfig, "mobilenet_v2",
+                                                     "benign", ("width",)))
+    raw = yaml.safe_load(STUDY.read_text())
+    raw.update(datasets=["digits"], data_root=str(defense_data), baselines=["made_up"],
+               evaluate_models=["dwf", "made_up"])
+    raw["digits"]["baselines"] = {"made_up": {"epochs": 1, "batch_size": 64, "lr": 0.05, "width": 4}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).profile("digits").baselines.get("made_up") == ZooConfig(
+        epochs=1, batch_size=64, lr=0.05, width=4)
+    out = tmp_path / "made_up.pt"
+    result = CliRunner().invoke(app, ["train", "--defense", "made_up", "--params", str(path),
+                                      "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    ckpt = checkpoint.load(out)
+    assert (ckpt["defense"], ckpt["arch"], ckpt["arch_kwargs"]["width"]) == ("made_up", "mobilenet_v2", 4)
+    assert "| Made-up net |" in report.table({"digits": {"made_up": {}}}, "table2", {})
 
 
 def test_cli_evaluates_an_external_torchvision_model(tiny_params, tmp_path, monkeypatch):

@@ -94,6 +94,14 @@ def test_robust_share_prices_the_attacks_after_the_first():
     assert plan.strong(cfg, "mixture", 9, 9, 0) == plan.Counts()  # no examples, no passes
 
 
+def test_registry_rows_run_their_own_network_and_undefended_ones_assume_no_robustness():
+    assume = plan.Assumptions(robust=0.5, robust_undefended=0.0)
+    assert [plan.network(m) for m in ("dwf", "experts/pgd_0", "trades", "soe", "vgg19")] == [
+        "mixture", "expert", "expert", "soe", "vgg19"]
+    assert [assume.of(m) for m in ("resnet18", "vgg19", "experts/benign", "trades", "dwf")] == [
+        0.0, 0.0, 0.0, 0.5, 0.5]
+
+
 def test_the_audit_runs_its_own_square_only_where_autoattack_did_not_cover_it(tmp_path):
     """dwf.evaluate reads AutoAttack's Square for the audit's Square check when AutoAttack ran
     on every audited example; the plan prices a second Square only otherwise."""
@@ -137,9 +145,12 @@ def test_cli_prints_the_total_and_writes_json(tmp_path):
     r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
              "--json", str(out))
     assert r.exit_code == 0, r.output
-    assert "| **total** | 120 |" in r.stdout and "measured" in r.stdout
+    assert "| **total** | 140 |" in r.stdout and "measured" in r.stdout
     result = json.loads(out.read_text())
-    assert result["total"]["jobs"] == 5 * (9 + 1 + 6 + 8)
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 8 + 10)
+    # a zoo row is priced from the measured ResNet-18 by the ratio of forward MACs
+    zoo = {x["rate"]: x for x in result["rates"]}["train/fp32: resnet34 train"]
+    assert not zoo["measured"] and zoo["source"].startswith("expert train")
     assert result["total"]["hours"] == pytest.approx(
         sum(s["hours"] for s in result["stages"].values()))
 

@@ -15,8 +15,10 @@ from torch import nn
 from dwf import attacks
 from dwf.config import EvalConfig
 from dwf.runtime import derive_seed
+from dwf.workers import Part
 
 Check = dict[str, Any]             # {"pass": bool, "value": ...}
+Run = dict[str, Any]               # {"correct": bool per example (CPU), "excess": float}
 EPS_FRACTIONS = (0.0, 0.25, 0.5, 1.0, 2.0)   # the eps sweep, as multiples of cfg.pgd_eps
 LARGE_EPS = 0.5                    # every image is within 0.5 of a uniform grey one
 NEAR_ZERO = 2.0                    # accuracy (%) that counts as "near zero" at LARGE_EPS
@@ -49,30 +51,30 @@ class Auditor:
                  batch_size: int, seed: int):
         self.model, self.x, self.y, self.attack = model, x, y, attack
         self.batch_size, self.seed = batch_size, seed
-        self.max_excess = 0.0  # largest step outside the eps-ball or [0, 1] seen (pixel units)
 
-    def correct(self, fn: Callable, eps: float, only: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-example correctness (bool, CPU) under fn(model, x, y) -> x_adv.
+    def correct(self, fn: Callable, eps: float, only: torch.Tensor | None = None) -> Run:
+        """Per-example correctness (bool, CPU) under fn(model, x, y) -> x_adv, and the largest
+        step outside the eps-ball or [0, 1] it took (pixel units; inf for a non-finite output).
 
         `only` (bool, CPU) restricts the attack to some examples; the others count as correct.
         """
         keep = torch.ones(len(self.x), dtype=torch.bool) if only is None else only
         idx = keep.nonzero().squeeze(1).to(self.x.device)
-        out = [torch.zeros(0, dtype=torch.bool)]
+        out, excess = [torch.zeros(0, dtype=torch.bool)], 0.0
         for i in range(0, len(idx), self.batch_size):
             x, y = self.x[idx[i:i + self.batch_size]], self.y[idx[i:i + self.batch_size]]
             x_adv = fn(self.model, x, y)
-            excess = ((x_adv - x).abs().amax() - eps, -x_adv.amin(), x_adv.amax() - 1)
-            self.max_excess = max(self.max_excess, *(float(e) for e in excess))
+            steps = ((x_adv - x).abs().amax() - eps, -x_adv.amin(), x_adv.amax() - 1)
+            excess = max(excess, *(float(e) for e in steps))
             if not torch.isfinite(x_adv).all():
-                self.max_excess = float("inf")
+                excess = float("inf")
             with torch.no_grad():
                 out.append((self.model(x_adv).argmax(1) == y).cpu())
         flags = torch.ones(len(self.x), dtype=torch.bool)
         flags[keep] = torch.cat(out)
-        return flags
+        return {"correct": flags, "excess": excess}
 
-    def pgd(self, eps: float, alpha: float, steps: int, restarts: int = 1) -> torch.Tensor:
+    def pgd(self, eps: float, alpha: float, steps: int, restarts: int = 1) -> Run:
         seed = derive_seed(self.seed, "audit", f"{eps:g}/{steps}/{restarts}")
         return self.correct(lambda m, x, y: self.attack(
             m, x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts, seed=seed), eps)
@@ -87,31 +89,64 @@ def _monotone(accs: list[float], n: int) -> bool:
     return all(a <= min(accs[:i]) + _noise(n) for i, a in enumerate(accs) if i)
 
 
-def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_step: Callable,
-                  square: Callable | None, whitebox: torch.Tensor | None = None,
-                  square_done: torch.Tensor | None = None) -> dict[str, Check]:
-    """Checks that run attacks: eps and iteration sweeps, large eps, convergence, Square.
+def _budgets(cfg: EvalConfig) -> list[tuple[int, int]]:
+    """PGD (iterations, restarts) of increasing effort; the last two are the strong budget and
+    its doubling in iterations and restarts."""
+    k, r = cfg.strong_steps, cfg.strong_restarts
+    return sorted({(max(1, k // 4), 1), (max(1, k // 2), 1), (k, 1), (k, r)}) + [(2 * k, 2 * r)]
+
+
+def _eps(f: float, cfg: EvalConfig) -> float:
+    return min(1.0, f * cfg.pgd_eps)
+
+
+def attack_parts(aud: Auditor, cfg: EvalConfig, single_step: Callable) -> dict[str, Part]:
+    """The attack runs the checks read, each independent of the others (a Run each): clean,
+    the eps sweep ("eps/<fraction>"), FGSM, the iteration sweep ("pgd/<k>x<r>", the strong
+    budget itself being "eps/1"), the large-eps PGD. Costs are attack iterations."""
+    eps, k = cfg.pgd_eps, cfg.strong_steps
+    ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25  # step size as a share of eps
+    parts = {"clean": Part(1, lambda: aud.correct(lambda m, x, y: x, 0.0))}
+    parts |= {f"eps/{f:g}": Part(k, lambda f=f: aud.pgd(_eps(f, cfg), ratio * _eps(f, cfg), k))
+              for f in EPS_FRACTIONS}
+    parts["fgsm"] = Part(1, lambda: aud.correct(lambda m, x, y: single_step(m, x, y, eps=eps), eps))
+    parts |= {f"pgd/{s}x{rr}": Part(s * rr, lambda s=s, rr=rr: aud.pgd(eps, cfg.pgd_alpha, s, rr))
+              for s, rr in _budgets(cfg) if (s, rr) != (k, 1)}
+    parts["large_eps"] = Part(max(k, 20), lambda: aud.pgd(LARGE_EPS, LARGE_EPS / 8, max(k, 20)))
+    return parts
+
+
+def _by_iter(runs: dict[str, Run], cfg: EvalConfig) -> dict[tuple[int, int], torch.Tensor]:
+    k = cfg.strong_steps
+    return {(s, rr): runs["eps/1" if (s, rr) == (k, 1) else f"pgd/{s}x{rr}"]["correct"]
+            for s, rr in _budgets(cfg)}
+
+
+def attack_checks(runs: dict[str, Run], cfg: EvalConfig, square: Callable | None = None,
+                  whitebox: torch.Tensor | None = None, square_done: torch.Tensor | None = None
+                  ) -> dict[str, Check]:
+    """Checks on the attack runs of `attack_parts`: eps and iteration sweeps, large eps,
+    convergence, Square.
 
     The audited PGD is the strong budget (cfg.strong_steps x cfg.strong_restarts) at pgd_eps.
     `whitebox` (bool per audited example, CPU): correct under every white-box attack the
     evaluation ran; Square is then judged against all of them, not only the audit's own PGD.
     `square_done` (bool per audited example, CPU): correctness after a Square that already ran
     on every example the white-box attacks left (AutoAttack's, which runs last on what its
-    gradient attacks left); then no second Square runs, and `square` is not called.
+    gradient attacks left); then no second Square runs. Otherwise `square(only)` runs one on the
+    examples `only` marks (-> a Run), or the check is left out when it is None.
     """
-    n, eps, k, r = len(clean), cfg.pgd_eps, cfg.strong_steps, cfg.strong_restarts
-    ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25  # step size as a share of eps
-    sweep = {f: aud.pgd(min(1.0, f * eps), ratio * min(1.0, f * eps), k) for f in EPS_FRACTIONS}
-    fgsm = aud.correct(lambda m, x, y: single_step(m, x, y, eps=eps), eps)
-    # increasing effort; the last two are the strong budget and its doubling (iterations, restarts)
-    iters = sorted({(max(1, k // 4), 1), (max(1, k // 2), 1), (k, 1), (k, r)}) + [(2 * k, 2 * r)]
-    by_iter = {(s, rr): sweep[1.0] if (s, rr) == (k, 1) else aud.pgd(eps, cfg.pgd_alpha, s, rr)
-               for s, rr in iters}
-    large = aud.pgd(LARGE_EPS, LARGE_EPS / 8, max(k, 20))
+    clean, fgsm = runs["clean"]["correct"], runs["fgsm"]["correct"]
+    n, k = len(clean), cfg.strong_steps
+    sweep = {f: runs[f"eps/{f:g}"]["correct"] for f in EPS_FRACTIONS}
+    by_iter = _by_iter(runs, cfg)
+    large = runs["large_eps"]["correct"]
     best_white = torch.stack([fgsm, *by_iter.values()]).all(dim=0)  # every white-box attack at eps
     if whitebox is not None:
         best_white &= whitebox[:n]
-    base, doubled = by_iter[iters[-2]], by_iter[iters[-1]]
+    budgets = list(by_iter)
+    base, doubled = by_iter[budgets[-2]], by_iter[budgets[-1]]
+    excess = max(run["excess"] for run in runs.values())
     checks = {
         "eps0_equals_clean": _check(torch.equal(sweep[0.0], clean),
                                     {"clean": accuracy(clean), "eps0": accuracy(sweep[0.0]),
@@ -122,22 +157,23 @@ def attack_checks(aud: Auditor, cfg: EvalConfig, clean: torch.Tensor, single_ste
             {"fgsm": accuracy(fgsm), f"pgd{k}": accuracy(sweep[1.0]),
              "fgsm_only_fooled_pct": accuracy(~fgsm & sweep[1.0])}),
         "monotone_eps": _check(_monotone([accuracy(f) for f in sweep.values()], n),
-                               [[round(min(1.0, f * eps), 6), accuracy(v)] for f, v in sweep.items()]),
+                               [[round(_eps(f, cfg), 6), accuracy(v)] for f, v in sweep.items()]),
         "monotone_iterations": _check(_monotone([accuracy(v) for v in by_iter.values()], n),
                                       [[s, r, accuracy(v)] for (s, r), v in by_iter.items()]),
         "large_eps_zero": _check(accuracy(large) <= NEAR_ZERO, {"eps": LARGE_EPS, "acc": accuracy(large)}),
-        "converged": converged_check(base, doubled, iters[-2:], whitebox),
+        "converged": converged_check(base, doubled, budgets[-2:], whitebox),
     }
     if square_done is not None or square is not None:
         if square_done is not None:  # fooled by that Square where white-box attacks failed
             sq, source = square_done[:n] | ~best_white, "autoattack"
         else:
-            sq, source = aud.correct(lambda m, x, y: square(m, x, y, eps=eps), eps, only=best_white), "audit"
+            run = square(best_white)
+            sq, source, excess = run["correct"], "audit", max(excess, run["excess"])
         gain = accuracy(~sq)  # ran (or counts) only where white-box failed: what Square alone fools
         checks["square_vs_whitebox"] = _check(gain <= SQUARE_SLACK, {
             "whitebox_worst_case": accuracy(best_white), "then_square": accuracy(best_white & sq),
             "square_only_pct": gain, "square_run": source})
-    checks["in_ball"] = _check(aud.max_excess <= 1e-6, {"max_excess": aud.max_excess})
+    checks["in_ball"] = _check(excess <= 1e-6, {"max_excess": excess})
     return checks
 
 
@@ -253,7 +289,7 @@ def known_adversary_check(attack: Callable, x: torch.Tensor, cfg: EvalConfig, se
         y = probe(x).argmax(1)
     aud = Auditor(probe, x, y, attack=attack, batch_size=batch_size, seed=seed)
     ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25
-    correct = aud.pgd(eps, ratio * eps, cfg.strong_steps).to(x.device)
+    correct = aud.pgd(eps, ratio * eps, cfg.strong_steps)["correct"].to(x.device)
     exists, impossible = need < 0.9 * eps, need > 1.1 * eps
     found = (~correct & exists).sum().item() / max(1, exists.sum().item())
     false = int((~correct & impossible).sum())
@@ -355,11 +391,49 @@ def worst_case_check(metrics: dict[str, Any], flags: dict[str, torch.Tensor]) ->
                    "n_attacks": len(flags)})
 
 
+MODEL_CHECKS = ("gradients_nonzero", "deterministic", "outputs_are_logits",
+                "attack_finds_known_adversarial", "attack_finds_binarized_adversarial")
+
+
+def parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig, seed: int,
+          attack: Callable = attacks.pgd, single_step: Callable = attacks.fgsm) -> dict[str, Part]:
+    """The audit's independent pieces of work on audited examples x, y (model's device, model in
+    eval mode): the attack runs of `attack_parts` (-> Run) and the checks of MODEL_CHECKS
+    (-> Check). `checks` turns their results into the audit.
+
+    Args:
+        attack, single_step: the iterative and one-step attacks under audit.
+    """
+    aud = Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=seed)
+    xb, yb = x[:cfg.batch_size], y[:cfg.batch_size]
+    k = cfg.strong_steps * cfg.strong_restarts
+    model_checks = {
+        "gradients_nonzero": Part(2, lambda: gradient_check(model, xb, yb)),
+        "deterministic": Part(1, lambda: determinism_check(model, xb)),
+        "outputs_are_logits": Part(1, lambda: logits_check(model, xb)),
+        "attack_finds_known_adversarial": Part(1, lambda: known_adversary_check(
+            attack, xb, cfg, derive_seed(seed, "audit", "known"), cfg.batch_size)),
+        "attack_finds_binarized_adversarial": Part(k, lambda: binarization_check(
+            model, attack, x, cfg, derive_seed(seed, "audit", "binarized"))),
+    }
+    return attack_parts(aud, cfg, single_step) | model_checks
+
+
+def checks(results: dict[str, Any], cfg: EvalConfig, *, square: Callable | None = None,
+           whitebox: torch.Tensor | None = None, square_done: torch.Tensor | None = None
+           ) -> dict[str, Check]:
+    """The audit from the results of `parts`; `square`, `whitebox`, `square_done` as in
+    attack_checks."""
+    runs = {name: r for name, r in results.items() if name not in MODEL_CHECKS}
+    return attack_checks(runs, cfg, square, whitebox, square_done) | {
+        name: results[name] for name in MODEL_CHECKS}
+
+
 def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig, seed: int,
           attack: Callable = attacks.pgd, single_step: Callable = attacks.fgsm,
           square: Callable | None = None, whitebox: torch.Tensor | None = None,
           square_done: torch.Tensor | None = None) -> dict[str, Check]:
-    """Every check on audited examples x, y (on the model's device, model in eval mode).
+    """Every check on audited examples x, y, its parts run here one after another.
 
     Args:
         attack, single_step: the iterative and one-step attacks under audit.
@@ -371,15 +445,18 @@ def audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig
     Returns:
         {check name: {"pass": bool, "value": figure}}.
     """
-    aud = Auditor(model, x, y, attack=attack, batch_size=cfg.batch_size, seed=seed)
-    clean = aud.correct(lambda m, xb, yb: xb, 0.0)
-    checks = attack_checks(aud, cfg, clean, single_step, square, whitebox, square_done)
-    xb, yb = x[:cfg.batch_size], y[:cfg.batch_size]
-    checks["gradients_nonzero"] = gradient_check(model, xb, yb)
-    checks["deterministic"] = determinism_check(model, xb)
-    checks["outputs_are_logits"] = logits_check(model, xb)
-    checks["attack_finds_known_adversarial"] = known_adversary_check(
-        attack, xb, cfg, derive_seed(seed, "audit", "known"), cfg.batch_size)
-    checks["attack_finds_binarized_adversarial"] = binarization_check(
-        model, attack, x, cfg, derive_seed(seed, "audit", "binarized"))
-    return checks
+    results = {name: part.run() for name, part in parts(
+        model, x, y, cfg=cfg, seed=seed, attack=attack, single_step=single_step).items()}
+    return checks(results, cfg, square=square_run(model, x, y, cfg, square),
+                  whitebox=whitebox, square_done=square_done)
+
+
+def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
+               square: Callable | None) -> Callable[[torch.Tensor], Run] | None:
+    """`square` (model, x, y, *, eps) -> x_adv as attack_checks runs it: on the examples a mask
+    marks, at pgd_eps."""
+    if square is None:
+        return None
+    aud = Auditor(model, x, y, attack=attacks.pgd, batch_size=cfg.batch_size, seed=0)
+    return lambda only: aud.correct(lambda m, xb, yb: square(m, xb, yb, eps=cfg.pgd_eps),
+                                    cfg.pgd_eps, only=only)

@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from dwf.config import DEFENSES  # the registry of baselines: --defense's choices
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Divided We Fall: soft-gated mixture of adversarially trained experts.")
 
@@ -25,6 +27,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a value of this dataset's section, e.g. expert.epochs=2")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda or cpu (default: cuda if present)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", min=0, max=256, help="processes for the evaluation's independent parts (0: every "
+    "CPU; 1 on a GPU); the results do not depend on it")]
 CkptOutOpt = Annotated[Optional[Path], typer.Option("--out", help="checkpoint path")]
 HistoryOpt = Annotated[Optional[Path], typer.Option("--history", help="training curve JSON")]
 
@@ -258,8 +263,7 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
 
 @app.command()
 @stage
-def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet18_fgsm_at, "
-                                                    "resnet18_pgd_at, trades, soe, advmoe")],
+def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFENSES)}")],
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
           out: CkptOutOpt = None,
           history: HistoryOpt = None,
@@ -269,7 +273,7 @@ def train(defense: Annotated[str, typer.Option(help="baseline: resnet18, resnet1
     from dwf import paths
     from dwf.config import check_name
     from dwf.data import load_split
-    from dwf.defenses import DEFENSES, train_defense
+    from dwf.defenses import train_defense
     from dwf.runtime import derive_seed
 
     check_name(defense, "--defense")
@@ -300,7 +304,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
              out: Annotated[Optional[Path], typer.Option(help="metrics JSON to write")] = None,
              dataset: DatasetOpt = "digits", run: RunOpt = 0,
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-             device: DeviceOpt = None, quiet: QuietOpt = False):
+             device: DeviceOpt = None, quiet: QuietOpt = False, workers: WorkersOpt = 0):
     """Run the paper's attack protocol (Table 4), the stronger attacks, AutoAttack and the audit
     (as params switch on) and write a metrics file (numbers DVC shows) and its details file
     beside it (dwf.metricsfile). Without --out: the pipeline's path, or with --checkpoint, beside
@@ -313,6 +317,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
     from dwf.evaluate import evaluate as run_protocol
     from dwf.metricsfile import details_path, split
     from dwf.runtime import derive_seed
+    from dwf.workers import count
 
     check_name(model_name, "--model", MODEL_NAME)
     p, prof, dev = _context(params, dataset, set_, device)
@@ -338,7 +343,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
         model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
     metrics = run_protocol(model, x, y, cfg=prof.evaluate, seed=derive_seed(p.seed, run, dataset, "evaluate"),
-                           device=dev, progress=not quiet, state=state,
+                           device=dev, progress=not quiet, state=state, workers=count(dev, workers),
                            sources={k: load_model(f, dev, dataset=dataset) for k, f in sources.items()})
     metrics["checkpoint"] = str(checkpoint)
     if external:
@@ -384,7 +389,7 @@ def audit(model_name: Annotated[str, typer.Option(
           out: Annotated[Optional[Path], typer.Option(help="audit JSON to write")] = None,
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-          device: DeviceOpt = None):
+          device: DeviceOpt = None, workers: WorkersOpt = 0):
     """Check a model and the attacks for gradient masking and bugs (Carlini et al. 2019)."""
     from dwf import paths
     from dwf.checkpoint import load_model
@@ -392,6 +397,7 @@ def audit(model_name: Annotated[str, typer.Option(
     from dwf.data import load_split
     from dwf.evaluate import run_audit
     from dwf.runtime import derive_seed
+    from dwf.workers import count
 
     check_name(model_name, "--model", MODEL_NAME)
     p, prof, dev = _context(params, dataset, set_, device)
@@ -400,7 +406,7 @@ def audit(model_name: Annotated[str, typer.Option(
         _refuse_overlap([out], [params, Path(p.data_root) / dataset, checkpoint])
     model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
-    checks = run_audit(model, x, y, cfg=prof.evaluate, device=dev,
+    checks = run_audit(model, x, y, cfg=prof.evaluate, device=dev, workers=count(dev, workers),
                        seed=derive_seed(p.seed, run, dataset, "evaluate"))
     for name, c in checks.items():
         typer.echo(f"{'pass' if c['pass'] else 'FAIL'}  {name}: {json.dumps(c['value'])}")

@@ -26,13 +26,14 @@ from dwf.config import EvalConfig
 from dwf.data import to_unit
 from dwf.fileio import atomic_write
 from dwf.fingerprint import code_version, tensor_digest, weights_digest
-from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord
+from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord, Records
+from dwf.models import is_mixture
 from dwf.runtime import derive_seed
+from dwf.workers import Part, run
 
 # (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor | dict[str, torch.Tensor]]
 Flags = dict[str, torch.Tensor]  # attack name -> per-example correctness (bool, CPU)
-Records = dict[str, AttackRecord]  # attack name -> what the attack is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +77,6 @@ def protocol(cfg: EvalConfig) -> dict[str, Entry]:
     return suite
 
 
-def is_mixture(model: nn.Module) -> bool:
-    """A model with experts and a gate, through the one interface DWF, SoE and ADVMoE share:
-    `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`."""
-    return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
-
-
 def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module]) -> dict[str, Entry]:
     """Attacks aimed at the mixture, at pgd_eps with strong_steps x strong_restarts.
 
@@ -114,114 +109,117 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
 
 
 class Resume:
-    """Per-batch results of one part of an evaluation, kept in `folder` so a rerun skips them.
+    """Results of the parts of an evaluation, kept in `folder` so a rerun skips them.
 
-    A batch file is reused only if it was saved under the same key (model, data, settings, seed,
-    code) and holds what `valid` accepts; otherwise it is recomputed, said once on stderr.
+    A part's file is reused only if it was saved under the same key (model, data, settings,
+    seed, code) and holds what the part's validator accepts; otherwise it is recomputed, said
+    once on stderr. Workers save their own parts (atomic writes: a killed run leaves whole files).
 
     Args:
-        folder: where batch files live (None: keep nothing). key: the run's fingerprint.
-        valid: (saved results, batch index) -> whether they have the expected shape.
+        folder: where part files live (None: keep nothing). key: the run's fingerprint.
     """
 
-    def __init__(self, folder: Path | None, key: str, valid: Callable[[Any, int], bool]):
-        self.folder, self.key, self.valid = folder, key, valid
+    def __init__(self, folder: Path | None, key: str):
+        self.folder, self.key = folder, key
         self.said = False
 
-    def get(self, b: int, compute: Callable[[], Any]) -> Any:
-        """Batch b's results: read back if saved under this key, else computed and saved."""
-        path = self.folder / f"batch{b:05d}.pt" if self.folder is not None else None
+    def part(self, name: str, part: Part, valid: Callable[[Any], bool]) -> Part:
+        """`part`, its result read back when saved under this key, else computed and saved."""
+        return Part(part.cost, functools.partial(self._get, name, part.run, valid))
+
+    def _get(self, name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
+        path = self.folder / f"{name.replace('/', '__')}.pt" if self.folder is not None else None
         if path is not None and path.is_file():
-            saved, why = self._read(path, b)
+            saved, why = self._read(path, valid)
             if why is None:
                 return saved
             self._say(f"{path}: {why}; recomputing")
         out = compute()
         if path is not None:
-            atomic_write(path, lambda f: torch.save({"key": self.key, "flags": out}, f))
+            atomic_write(path, lambda f: torch.save({"key": self.key, "result": out}, f))
         return out
 
-    def _read(self, path: Path, b: int) -> tuple[Any, str | None]:
+    def _read(self, path: Path, valid: Callable[[Any], bool]) -> tuple[Any, str | None]:
         try:
             saved = torch.load(path, weights_only=True)
         except Exception as e:  # truncated, corrupt, or a pickle that needs code to load
             return None, f"unreadable ({type(e).__name__})"
         if not isinstance(saved, dict) or saved.get("key") != self.key:
             return None, "left by an evaluation of another model, data, setting or code version"
-        if not self.valid(saved.get("flags"), b):
+        if not valid(saved.get("result")):
             return None, "holds results of an unexpected type or shape"
-        return saved["flags"], None
+        return saved["result"], None
 
     def _say(self, line: str) -> None:
-        if not self.said:  # one line per part, not one per batch
+        if not self.said:  # one line per evaluation, not one per part
             tqdm.write(line, file=sys.stderr)
             self.said = True
 
 
-def _flags_of(n: int, batch_size: int) -> Callable[[Any, int], bool]:
-    """Validator of saved batch flags: {attack name: bool tensor of the batch's length}."""
-    def valid(flags: Any, b: int) -> bool:
-        size = min(batch_size, n - b * batch_size)
+def _flags_of(size: int) -> Callable[[Any], bool]:
+    """Validator of a part's flags: {attack name: bool tensor of `size` examples}."""
+    def valid(flags: Any) -> bool:
         return (isinstance(flags, dict) and bool(flags) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) and v.dtype == torch.bool
             and v.shape == (size,) for k, v in flags.items()))
     return valid
 
 
-def _checks(saved: Any, b: int) -> bool:
-    """Validator of saved audit checks: {name: {"pass": bool, "value": ...}}."""
-    return isinstance(saved, dict) and all(
-        isinstance(c, dict) and isinstance(c.get("pass"), bool) for c in saved.values())
+def _audit_result(result: Any) -> bool:
+    """Validator of an audit part: a Run {"correct", "excess"} or a Check {"pass", "value"}."""
+    return isinstance(result, dict) and (isinstance(result.get("pass"), bool) or (
+        isinstance(result.get("correct"), torch.Tensor) and isinstance(result.get("excess"), float)))
 
 
-def _merge(chunks: list[Flags], folder: Path | None) -> Flags:
-    """Batches' flags concatenated; every batch must name the same attacks."""
-    names = set(chunks[0])
-    if any(set(c) != names for c in chunks):
-        raise ValueError(f"{folder}: batches name different attacks; delete the folder to start afresh")
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+def _cost(records: Records, n_experts: int) -> float:
+    """Attack iterations through the whole model, for ordering the parts: snapshots of one
+    trajectory cost its longest; an attack on one expert or source about 1 / n_experts."""
+    def one(r: AttackRecord) -> float:
+        share = 1.0 / n_experts if r.target.startswith(("expert_", "transfer:")) else 1.0
+        return r.steps * r.restarts * share
+    return max(one(r) for r in records.values())
 
 
-def correct_under(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, y: torch.Tensor,
-                  *, batch_size: int, seed: int, device: torch.device, progress: bool = True,
-                  state: Path | None = None, key: str = "") -> Flags:
-    """Per-example correctness (bool, (N,)) on clean inputs and under every attack of `suite`.
+def attack_parts(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, y: torch.Tensor,
+                 *, batch_size: int, seed: int, device: torch.device) -> dict[str, Part]:
+    """Per batch b, clean correctness ("<b>/clean") and each attack of `suite` ("<b>/<name>"):
+    parts returning {result name: correctness (bool, CPU)} on the batch's examples."""
+    n_experts = model.n_experts if is_mixture(model) else 1
 
-    With `state`, each finished batch is saved there under `key` and skipped when rerun (Resume).
-    """
-    n_batches = -(-len(x_u8) // batch_size)
-    # one tick per attack and batch: a whole-test-set batch still shows where it is
-    bar = tqdm(total=n_batches * len(suite), desc="evaluate", unit="attack", disable=not progress,
-               mininterval=1.0)
+    def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        return to_unit(x_u8[sl].to(device)), y[sl].to(device)
 
-    def batch(b: int) -> Flags:
-        x = to_unit(x_u8[b * batch_size:(b + 1) * batch_size].to(device))
-        yb = y[b * batch_size:(b + 1) * batch_size].to(device)
+    def clean(b: int) -> Flags:
+        x, yb = batch(b)
         with torch.no_grad():
-            flags = {"clean": (model(x).argmax(1) == yb).cpu()}
-        for name, entry in suite.items():
-            bar.set_postfix_str(name)
-            x_adv = entry.run(model, x, yb, derive_seed(seed, name, b))
-            for key, xa in (x_adv.items() if isinstance(x_adv, dict) else [(name, x_adv)]):
-                with torch.no_grad():
-                    flags[key] = (model(xa).argmax(1) == yb).cpu()
-            bar.update()
+            return {"clean": (model(x).argmax(1) == yb).cpu()}
+
+    def attack(b: int, name: str) -> Flags:
+        x, yb = batch(b)
+        x_adv = suite[name].run(model, x, yb, derive_seed(seed, name, b))
+        flags = {}
+        for key, xa in (x_adv.items() if isinstance(x_adv, dict) else [(name, x_adv)]):
+            with torch.no_grad():
+                flags[key] = (model(xa).argmax(1) == yb).cpu()
         return flags
 
-    resume = Resume(state, key, _flags_of(len(x_u8), batch_size))
-    chunks = []
-    for b in range(n_batches):
-        before = bar.n
-        chunks.append(resume.get(b, functools.partial(batch, b)))
-        bar.update(len(suite) - (bar.n - before))  # a resumed batch counts whole
-    bar.close()
-    return _merge(chunks, state)
+    parts = {}
+    for b in range(-(-len(x_u8) // batch_size)):
+        parts[f"{b}/clean"] = Part(1, functools.partial(clean, b))
+        parts |= {f"{b}/{name}": Part(_cost(entry.records, n_experts), functools.partial(attack, b, name))
+                  for name, entry in suite.items()}
+    return parts
 
 
-def autoattack_flags(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
-                     seed: int, device: torch.device, state: Path | None = None, key: str = ""
-                     ) -> Flags:
-    """AutoAttack in batches: correctness after each of its attacks, as "autoattack/<name>"."""
+def autoattack_parts(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+                     seed: int, device: torch.device) -> dict[str, Part]:
+    """AutoAttack per batch ("<b>/autoattack"): correctness after each of its attacks, as
+    "autoattack/<name>"."""
+    records = adaptive.autoattack_records(eps=cfg.pgd_eps, version=cfg.autoattack_version,
+                                          square_queries=cfg.square_queries)
+    cost = sum(r.steps * r.restarts for r in records.values())
+
     def batch(b: int) -> Flags:
         sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
         flags = adaptive.autoattack(model, to_unit(x_u8[sl].to(device)), y[sl].to(device),
@@ -230,9 +228,47 @@ def autoattack_flags(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, c
                                    square_queries=cfg.square_queries)
         return {f"autoattack/{k}": v.cpu() for k, v in flags.items()}
 
-    resume = Resume(state, key, _flags_of(len(x_u8), cfg.batch_size))
-    chunks = [resume.get(b, functools.partial(batch, b)) for b in range(-(-len(x_u8) // cfg.batch_size))]
-    return _merge(chunks, state)
+    return {f"{b}/autoattack": Part(cost, functools.partial(batch, b))
+            for b in range(-(-len(x_u8) // cfg.batch_size))}
+
+
+def _gather(results: dict[str, Flags], part: str) -> Flags:
+    """The flags of one part over its batches ("<b>/<part>"), concatenated in batch order."""
+    chunks = [flags for name, flags in results.items()
+              if name.partition("/")[0].isdigit() and name.partition("/")[2] == part]
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def audit_parts(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+                seed: int, device: torch.device) -> dict[str, Part]:
+    """The audit's parts (dwf.audit.parts) on the first cfg.audit_n examples, as "audit/<name>".
+    The audited PGD is the evaluation's (best iterate kept)."""
+    n = cfg.audit_n or len(x_u8)
+    parts = audit.parts(model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg=cfg, seed=seed,
+                        attack=functools.partial(attacks.pgd, keep_best=True))
+    return {f"audit/{k}": part for k, part in parts.items()}
+
+
+def audit_checks(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, results: dict[str, Any], *,
+                 cfg: EvalConfig, seed: int, device: torch.device, whitebox: torch.Tensor | None = None,
+                 square_done: torch.Tensor | None = None) -> dict[str, dict]:
+    """The audit's checks from its parts' results ("audit/<name>"). `whitebox`: per-example
+    correctness under every white-box attack of the evaluation, for the Square check;
+    `square_done`: AutoAttack's result after its Square, which then stands for the audit's own
+    (else the audit runs a Square with cfg.square_queries here)."""
+    n = cfg.audit_n or len(x_u8)
+    square = functools.partial(adaptive.square, queries=cfg.square_queries,
+                               seed=derive_seed(seed, "audit", "square"))
+    own = {k.removeprefix("audit/"): v for k, v in results.items() if k.startswith("audit/")}
+    return audit.checks(own, cfg, whitebox=whitebox, square_done=square_done, square=audit.square_run(
+        model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg, square))
+
+
+def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+              seed: int, device: torch.device, workers: int = 1) -> dict[str, dict]:
+    """The audit alone (`dwf audit`): its parts in `workers` processes, then its checks."""
+    results = run(audit_parts(model, x_u8, y, cfg=cfg, seed=seed, device=device), workers)
+    return audit_checks(model, x_u8, y, results, cfg=cfg, seed=seed, device=device)
 
 
 def worst_case(flags: Flags) -> torch.Tensor:
@@ -275,23 +311,6 @@ def gate_usage(model: nn.Module, x_u8: torch.Tensor, device: torch.device, batch
     return [round(v, 6) for v in w.mean(0).tolist()]
 
 
-def run_audit(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
-              seed: int, device: torch.device, whitebox: torch.Tensor | None = None,
-              square_done: torch.Tensor | None = None) -> dict[str, dict]:
-    """The audit (dwf.audit) on the first cfg.audit_n examples, Square with cfg.square_queries.
-
-    The audited PGD is the evaluation's (best iterate kept); `whitebox`: per-example correctness
-    under every white-box attack of the evaluation, for the Square check; `square_done`:
-    AutoAttack's result after its Square, which then stands for the audit's own.
-    """
-    n = cfg.audit_n or len(x_u8)
-    square = functools.partial(adaptive.square, queries=cfg.square_queries,
-                               seed=derive_seed(seed, "audit", "square"))
-    return audit.audit(model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg=cfg, seed=seed,
-                       attack=functools.partial(attacks.pgd, keep_best=True), square=square,
-                       whitebox=whitebox, square_done=square_done)
-
-
 def by_family(flags: Flags, records: Records, eps: float) -> dict[str, float]:
     """Per attack family (AttackRecord.family: fgsm, pgd, pgd_ms, strong, autoattack ...), the
     percent of examples no attack of the family fooled within the threat model `eps`; clean
@@ -323,14 +342,14 @@ def autoattack_settings(cfg: EvalConfig, n_run: int, n: int) -> dict[str, Any]:
     return {"n_examples": n_run, "version": label, "square_queries": cfg.square_queries}
 
 
-def _key(prints: list[str], cfg: EvalConfig, seed: int, part: str, names: list[str]) -> str:
-    return json.dumps([prints, dataclasses.asdict(cfg), seed, part, names], sort_keys=True)
+def _key(prints: list[str], cfg: EvalConfig, seed: int) -> str:
+    return json.dumps([prints, dataclasses.asdict(cfg), seed], sort_keys=True)
 
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
              seed: int, device: torch.device, progress: bool = True,
-             sources: dict[str, nn.Module] | None = None, state: Path | None = None
-             ) -> dict[str, Any]:
+             sources: dict[str, nn.Module] | None = None, state: Path | None = None,
+             workers: int = 1) -> dict[str, Any]:
     """The paper's protocol on the first cfg.n_examples test images (0 = all), then what
     cfg switches on: the strong attacks, AutoAttack (first autoattack_n) and the audit.
 
@@ -339,7 +358,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
         x_u8, y: the test split (uint8 images, labels).
         seed: seeds every attack's random start.
         sources: models to transfer attacks from (name -> model on `device`, eval mode).
-        state: folder for per-batch results, so an interrupted run resumes (None: keep nothing).
+        state: folder for each finished part's results, so an interrupted run resumes (None:
+            keep nothing).
+        workers: processes the independent parts run in (dwf.workers; the result is the same
+            for any number).
     Returns:
         metrics dict: accuracies in percent grouped by attack family, the worst case of each
         family (by_family) and over every attack, n_examples, the per-example worst case, the
@@ -348,20 +370,35 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     n = cfg.n_examples or len(x_u8)
     x_u8, y = x_u8[:n], y[:n]
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
-    # what a saved batch must match to be reused: the model, the transfer sources, the data,
+    n_aa = min(cfg.autoattack_n or n, n)
+    # what a saved part must match to be reused: the model, the transfer sources, the data,
     # the code it ran
     prints = [weights_digest(model), *(f"{k}:{weights_digest(f)}" for k, f in sorted((sources or {}).items())),
               tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
               ] if state is not None else []
-    flags = correct_under(model, suite, x_u8, y, batch_size=cfg.batch_size, seed=seed,
-                          device=device, progress=progress, state=state and state / "attacks",
-                          key=_key(prints, cfg, seed, "attacks", list(suite)))
+    resume = Resume(state, _key(prints, cfg, seed))
+    kw = {"seed": seed, "device": device}
+    parts = {name: resume.part(name, part, _flags_of(len(range(n)[slice(
+                 int(name.partition("/")[0]) * cfg.batch_size, None)][:cfg.batch_size])))
+             for name, part in attack_parts(model, suite, x_u8, y, batch_size=cfg.batch_size, **kw).items()}
+    if cfg.autoattack:
+        parts |= {name: resume.part(name, part, _flags_of(len(range(n_aa)[slice(
+                      int(name.partition("/")[0]) * cfg.batch_size, None)][:cfg.batch_size])))
+                  for name, part in autoattack_parts(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, **kw).items()}
+    if cfg.audit:
+        parts |= {name: resume.part(name, part, _audit_result)
+                  for name, part in audit_parts(model, x_u8, y, cfg=cfg, **kw).items()}
+    with tqdm(total=len(parts), desc="evaluate", unit="part", disable=not progress,
+              mininterval=1.0) as bar:
+        def done(name: str) -> None:
+            bar.set_postfix_str(name)
+            bar.update()
+        results = run(parts, workers, done)
+
+    flags = _gather(results, "clean") | {k: v for name in suite for k, v in _gather(results, name).items()}
     records = {"clean": CLEAN, **{k: r for entry in suite.values() for k, r in entry.records.items()}}
     if cfg.autoattack:
-        n_aa = min(cfg.autoattack_n or n, n)
-        flags |= autoattack_flags(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, seed=seed, device=device,
-                                  state=state and state / "autoattack",
-                                  key=_key(prints, cfg, seed, "autoattack", []))
+        flags |= _gather(results, "autoattack")
         records |= {f"autoattack/{k}": r for k, r in adaptive.autoattack_records(
             eps=cfg.pgd_eps, version=cfg.autoattack_version, square_queries=cfg.square_queries).items()}
     metrics = {"n_examples": n, **summarize(flags, records, cfg.pgd_eps),
@@ -377,7 +414,6 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
     if usage is not None:
         metrics["gate_mean_weight"] = usage
     if cfg.audit:
-        resume = Resume(state and state / "audit", _key(prints, cfg, seed, "audit", []), _checks)
         # Square is judged against every white-box attack (AutoAttack's own Square left out).
         # AutoAttack's Square ran last, on every example its gradient attacks left, a superset
         # of what all white-box attacks left: where it covered the audited examples, its result
@@ -385,9 +421,9 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
         square = [k for k in threat if records[k].loss == "square"]
         whitebox = worst_case({k: v for k, v in threat.items() if k not in square})
         audited = min(cfg.audit_n or n, n)
-        done = threat[square[0]] if square and len(threat[square[0]]) >= audited else None
-        checks = resume.get(0, lambda: run_audit(model, x_u8, y, cfg=cfg, seed=seed, device=device,
-                                                 whitebox=whitebox, square_done=done))
+        done_sq = threat[square[0]] if square and len(threat[square[0]]) >= audited else None
+        checks = audit_checks(model, x_u8, y, results, cfg=cfg, whitebox=whitebox,
+                              square_done=done_sq, **kw)
         metrics["audit"] = {**checks,
                             "worst_case_reported": audit.worst_case_check(metrics, threat)}
     worst = worst_case(threat)

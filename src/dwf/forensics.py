@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dwf import attacks
+from dwf.models import is_mixture
 from dwf.models.resnet import Normalize
 from dwf.runtime import derive_seed
 
@@ -53,11 +54,6 @@ def normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{type(model).__name__}: needs Normalize layers with one mean/std, "
                          f"found {len(stats)} distinct")
     return layers[0].mean, layers[0].std
-
-
-def is_mixture(model: nn.Module) -> bool:
-    """A model with per-expert logits and gate weights (the softmax_mixture variant's target)."""
-    return hasattr(model, "expert_logits") and hasattr(model, "gate_weights")
 
 
 def _pgd_in_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, alpha, lo, hi,

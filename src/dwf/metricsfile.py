@@ -53,6 +53,9 @@ class AttackRecord:
     label: str
 
 
+Records = dict[str, AttackRecord]  # attack name -> what the attack is
+
+
 def records(metrics: dict[str, Any]) -> dict[str, AttackRecord]:
     """{attack name: its record} of a metrics dict (`read` has checked they are there)."""
     return {k: AttackRecord(**v) for k, v in metrics[ATTACKS].items()}

@@ -6,7 +6,8 @@ Every stage is counted in *passes* through a network, per example:
   forward - one forward without gradient (a prediction, a Square query).
 The networks are the ones the stages run: `expert` (one ResNet-18), `mixture` (DWF's experts +
 gate), `soe` (every sub-model), `advmoe` (router + MoE network), `advmoe_expert` (the MoE
-network with a fixed route) and `advmoe_router`. Passes are priced with measured rates (examples/s
+network with a fixed route), `advmoe_router`, and any other baseline's network by the
+baseline's name (e.g. `vgg19`, config.DEFENSES). Passes are priced with measured rates (examples/s
 per pass, a table per device under docs/bench/); a network or pass the table lacks is scaled from
 a measured one by forward multiply-accumulates, and said to be extrapolated.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from dwf.config import Params, Profile, TrainConfig, expert_kind
+from dwf.config import DEFENSES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
 from dwf.data import NUM_CLASSES, SHAPE
 
 # (train, test) examples per dataset: torchvision's CIFAR-10 and SVHN, our digits split (data.py)
@@ -52,9 +53,19 @@ class Assumptions:
     robust_undefended: float = 0.0  # models trained on clean images only
 
     def of(self, model: str) -> float:
-        undefended = model == "resnet18" or (model.startswith("experts/")
-                                             and expert_kind(model.split("/")[1]) == "benign")
+        undefended = (model in DEFENSES and DEFENSES[model].undefended) or (
+            model.startswith("experts/") and expert_kind(model.split("/")[1]) == "benign")
         return self.robust_undefended if undefended else self.robust
+
+
+def network(model: str) -> str:
+    """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18:
+    an expert or a single-network baseline), else the baseline's own name (soe, advmoe, vgg19)."""
+    if model == "dwf":
+        return "mixture"
+    if model in DEFENSES and DEFENSES[model].arch != "resnet18":
+        return model
+    return "expert"
 
 
 def _passes(network: str, times: float = 1.0, **kinds: float) -> Counts:
@@ -87,18 +98,19 @@ def joint_training(cfg: TrainConfig, n: int) -> Counts:
 
 
 def baseline_training(name: str, cfg: Any, n: int) -> Counts:
-    """Per defense (dwf.defenses): its attack iterations and SGD passes per example."""
-    k = mean(cfg.pgd_steps)
+    """Per defense, by its recipe (config.DEFENSES, dwf.defenses.RECIPES): its attack iterations
+    and SGD passes per example, through its network."""
+    net, k = network(name), mean(cfg.pgd_steps)
     per_example = {
-        "resnet18": lambda: _passes("expert", train=1),
+        "benign": lambda: _passes(net, train=1),
         # adv_fraction of each batch attacked (round(fraction x batch) examples)
-        "resnet18_fgsm_at": lambda: _passes("expert", train=1, attack=_fraction(cfg)),
-        "resnet18_pgd_at": lambda: _passes("expert", train=1, attack=k * _fraction(cfg)),
+        "fgsm_at": lambda: _passes(net, train=1, attack=_fraction(cfg)),
+        "pgd_at": lambda: _passes(net, train=1, attack=k * _fraction(cfg)),
         # KL-PGD from the clean prediction, then CE(clean) + KL(adversarial): two passes
-        "trades": lambda: _passes("expert", forward=1, attack=k, train=2),
-        "soe": lambda: _passes("soe", attack=k, train=2),
+        "trades": lambda: _passes(net, forward=1, attack=k, train=2),
+        "soe": lambda: _passes(net, attack=k, train=2),
         "advmoe": lambda: _advmoe_batch(cfg, k),
-    }[name]()
+    }[DEFENSES[name].recipe]()
     return _scaled(per_example, cfg.epochs * examples_per_epoch(n, cfg.batch_size))
 
 
@@ -235,12 +247,12 @@ def macs(model: Any, call: Callable, shape: tuple[int, ...]) -> int:
 
 
 def network_macs(width: int, shape: tuple[int, ...], n_experts: int, *, classes: int = 10,
-                 router_hidden: tuple[int, ...] = (1024, 512, 128), baselines: Any = None
-                 ) -> dict[str, int]:
+                 router_hidden: tuple[int, ...] = (1024, 512, 128),
+                 baselines: dict[str, TrainConfig] | None = None) -> dict[str, int]:
     """Forward MACs per example of the networks the stages run, built as dwf.models builds them
-    (on the CPU, one image: about two seconds at width 64)."""
+    (on the CPU, one image: about two seconds at width 64). `baselines`: the settings of the
+    baselines to count, by name; a ResNet-18 one is the expert."""
     from dwf import models
-    from dwf.defenses.advmoe import arch_kwargs
 
     arch = {"num_classes": classes, "width": width, "mean": (0.5,) * shape[0],
             "std": (0.25,) * shape[0], "in_channels": shape[0]}
@@ -249,13 +261,14 @@ def network_macs(width: int, shape: tuple[int, ...], n_experts: int, *, classes:
                            input_shape=shape).eval()
     mixture.batched = False  # the expert loop: the hooks see every layer
     out = {"expert": macs(expert, expert, shape), "mixture": macs(mixture, mixture, shape)}
-    if baselines is not None and baselines.soe is not None:
-        soe = models.build("soe", n_submodels=baselines.soe.n_submodels, **arch).eval()
-        out["soe"] = macs(soe, soe, shape)
-    if baselines is not None and baselines.advmoe is not None:
-        moe = models.build("advmoe_resnet18", **arch_kwargs(arch, baselines.advmoe)).eval()
-        out |= {"advmoe": macs(moe, moe, shape), "advmoe_expert": macs(moe, moe.expert(0), shape),
-                "advmoe_router": macs(moe, moe.router_scores, shape)}
+    for name, cfg in (baselines or {}).items():
+        if network(name) in out:
+            continue
+        model = models.build(DEFENSES[name].arch, **arch_kwargs(name, arch, cfg)).eval()
+        out[name] = macs(model, model, shape)
+        if name == "advmoe":  # its mixture parts (MIXTURES)
+            out |= {"advmoe_expert": macs(model, model.expert(0), shape),
+                    "advmoe_router": macs(model, model.router_scores, shape)}
     return out
 
 
@@ -347,14 +360,12 @@ class Pricing:
 # ---------------------------------------------------------------- the plan
 
 
-# evaluated model -> the network it runs (dwf.defenses.DEFENSES' architectures)
-NETWORK = {"dwf": "mixture", "resnet18": "expert", "resnet18_fgsm_at": "expert",
-           "resnet18_pgd_at": "expert", "trades": "expert", "soe": "soe", "advmoe": "advmoe"}
-
-
 def _members(model: str, params: Params, prof: Profile) -> int:
-    return {"dwf": len(params.experts), "soe": getattr(prof.baselines.soe, "n_submodels", 0),
-            "advmoe": getattr(prof.baselines.advmoe, "n_experts", 0)}.get(model, 0)
+    """Members of an evaluated mixture (experts, sub-models); 0 for a single network."""
+    if model == "dwf":
+        return len(params.experts)
+    counts = {"soe": "n_submodels", "advmoe": "n_experts"}  # their settings' member count
+    return getattr(prof.baselines.get(model), counts[model]) if model in counts else 0
 
 
 def training_jobs(params: Params, dataset: str, prof: Profile) -> list[tuple[str, str, Counts]]:
@@ -372,7 +383,7 @@ def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
     """Counts of one evaluation (one model, run and dataset) by part, as cfg switches them on."""
     cfg, n_test = prof.evaluate, SPLIT_SIZES[dataset][1]
     n = min(cfg.n_examples or n_test, n_test)
-    net, robust = NETWORK.get(model, "expert"), assume.of(model)
+    net, robust = network(model), assume.of(model)
     parts = {"protocol": protocol(cfg, net, n)}
     if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
         parts["protocol"] += _passes(net, n, forward=1)
@@ -413,7 +424,8 @@ def plan(params: Params, profiles: dict[str, Profile], rates: dict,
     for d in params.datasets:
         prof = profiles[d]
         here = network_macs(prof.width, SHAPE[d], len(params.experts), classes=NUM_CLASSES[d],
-                            router_hidden=prof.router_hidden, baselines=prof.baselines)
+                            router_hidden=prof.router_hidden,
+                            baselines={b: prof.baselines.get(b) for b in params.baselines})
         pricing = Pricing(rates["tables"], here, macs_there)
         for stage, name, counts in training_jobs(params, d, prof):
             precision = (prof.joint if stage == "joint" else prof.expert if stage == "expert"

@@ -24,19 +24,23 @@ import yaml
 from scipy import stats
 
 from dwf import paths
-from dwf.metricsfile import ATTACKS, AttackRecord
+from dwf.config import DEFENSES
+from dwf.metricsfile import ATTACKS, Records
 from dwf.metricsfile import read as read_metrics
 from dwf.metricsfile import records as records_of
 
-LABELS = {
-    "dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)", "resnet18": "ResNet-18",
-    "resnet18_fgsm_at": "ResNet-18 (FGSM-AT)", "resnet18_pgd_at": "ResNet-18 (PGD-AT)",
-    "trades": "ResNet-18 (TRADES)", "soe": "SoE", "advmoe": "ADVMoE",
-}
+# the models that are not baselines; a baseline's label is its registry entry's (config.DEFENSES)
+LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (CPU study)"}
 SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
         "audit", "external", ATTACKS}
-Records = dict[str, AttackRecord]
+
+
+def label(model: str) -> str:
+    """A model's name in tables and figures: a baseline's registry label, else LABELS, else the name."""
+    if model in DEFENSES:
+        return DEFENSES[model].label
+    return LABELS.get(model, model)
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -118,7 +122,7 @@ def audit_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             for c in checks:
                 seen = [r["audit"][c]["pass"] for r in runs if c in r.get("audit", {})]
                 cells.append(f"{sum(seen)}/{len(seen)}" + ("" if all(seen) else " **fail**") if seen else "-")
-            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -173,7 +177,7 @@ def statistics_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str
                 cells += ([f"{t['diff']:+.2f}", "-"] if t["n"] < 2 else
                           [f"{t['diff']:+.2f} ± {t['ci95']:.2f}", f"{t['p']:.3g}"])
             examples = sorted({int(r["n_examples"]) for r in runs})
-            lines.append(f"| {LABELS.get(m, m)} | {len(runs)} | {', '.join(map(str, examples))} | "
+            lines.append(f"| {label(m)} | {len(runs)} | {', '.join(map(str, examples))} | "
                          + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -215,7 +219,7 @@ def table(summary: dict, which: str, records: Records, latex: bool = False) -> s
         title = DATASET_LABELS.get(d, d)
         lines.append(rf"\multicolumn{{{len(head)}}}{{l}}{{\textbf{{{title}}}}} \\" if latex else f"| **{title}** |" + " |" * len(cols))
         for m, metrics in models.items():
-            cells = [LABELS.get(m, m)] + [_cell(metrics.get(k), latex) for k, _ in cols]
+            cells = [label(m)] + [_cell(metrics.get(k), latex) for k, _ in cols]
             lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
     if latex:
         lines += [r"\bottomrule", r"\end{tabular}"]
@@ -254,7 +258,7 @@ def figure(summary: dict, dataset: str, kind: str, path: Path, records: Records)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m, metrics in summary[dataset].items():
         x, y, e = _curve(metrics, records, kind)
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=LABELS.get(m, m))
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label(m))
     ax.set_xlabel("FGSM $\\epsilon$" if kind == "fgsm" else "PGD iterations")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)}: robustness under {kind.upper()}")
@@ -298,7 +302,7 @@ def comparison(summary: dict, paper: dict, forensics: dict[str, str] | None = No
                     continue
                 diff = s["mean"] - p[0]
                 flag = "**differs**" if abs(diff) > max(1.0, 2 * max(s["std"], p[1])) else ""
-                lines.append(f"| {LABELS.get(m, m)} | {k} | {_cell(s)} | {p[0]:.2f} | {diff:+.2f} | {flag} |")
+                lines.append(f"| {label(m)} | {k} | {_cell(s)} | {p[0]:.2f} | {diff:+.2f} | {flag} |")
         lines.append("")
     for d in summary:
         if forensics and d in forensics:

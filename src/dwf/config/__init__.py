@@ -1,16 +1,19 @@
 """params.yaml as frozen dataclasses, split by the stages that read them, so each DVC stage
 depends on the parts that change its results (dvc.yaml): base (errors, validation), train
-(training sections), evaluate (the evaluation section), params (the file and its loading).
+(training sections), defenses (the registry of baselines), evaluate (the evaluation section),
+params (the file and its loading).
 """
 
 from dwf.config.base import EXPERT_KINDS, EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check_name
+from dwf.config.defenses import DEFENSES, Baselines, Defense, arch_kwargs
 from dwf.config.evaluate import AUTOATTACK_VERSIONS, EvalConfig
 from dwf.config.params import (DATASETS, NORMALIZATIONS, Params, Profile, expert_kind, load_params,
                                parse_params)
 from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoEConfig,
-                              AdvTrainConfig, Baselines, SoEConfig, TradesConfig, TrainConfig)
+                              AdvTrainConfig, SoEConfig, TradesConfig, TrainConfig, ZooConfig)
 
 __all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
-           "ConfigError", "DATASETS", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
+           "ConfigError", "DATASETS", "DEFENSES", "Defense", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
            "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig",
-           "TradesConfig", "TrainConfig", "check_name", "expert_kind", "load_params", "parse_params"]
+           "TradesConfig", "TrainConfig", "ZooConfig", "arch_kwargs", "check_name", "expert_kind",
+           "load_params", "parse_params"]

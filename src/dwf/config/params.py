@@ -19,8 +19,9 @@ import yaml
 
 from dwf.config.base import (EXPERT_NAME, MAX_WIDTH, MODEL_NAME, ConfigError, at_most,
                              check, check_name, choice, nonempty, positive)
+from dwf.config.defenses import DEFENSES, Baselines
 from dwf.config.evaluate import EvalConfig
-from dwf.config.train import Baselines, TrainConfig
+from dwf.config.train import TrainConfig
 from dwf.data import SHAPE
 
 DATASETS = ("cifar10", "svhn", "digits")
@@ -82,9 +83,8 @@ class Params:
         for e in self.experts:
             check_name(e, "experts", EXPERT_NAME)
         check(len(set(self.experts)) == len(self.experts), "experts", "unique names")
-        known = tuple(f.name for f in dataclasses.fields(Baselines))
         for b in self.baselines:
-            choice(b, "baselines", known)
+            choice(b, "baselines", tuple(DEFENSES))
             for d in self.datasets:
                 self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
         models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines)
@@ -184,8 +184,20 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'params'}: {e}") from None
 
 
+def _baselines(raw: Any, key: str) -> Baselines:
+    """Each `baselines.<name>` section parsed into its registry entry's settings class."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+    for name in raw:
+        if name not in DEFENSES:
+            raise ConfigError(f"{key}.{name}: unknown key; allowed: {', '.join(sorted(DEFENSES))}")
+    return Baselines({n: _build(DEFENSES[n].settings, v, f"{key}.{n}.") for n, v in raw.items()})
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is Baselines:
+        return _baselines(value, key)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     if origin is tuple:

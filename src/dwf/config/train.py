@@ -1,4 +1,5 @@
-"""Training sections of params.yaml: one stage each (Table 5), and the baselines' settings.
+"""Training sections of params.yaml: one stage each (Table 5), and the baselines' settings
+classes (which row uses which: config/defenses.py).
 
 A training stage's DVC deps name this module, not the evaluation's (config/evaluate.py), so an
 evaluation option never retrains.
@@ -6,12 +7,10 @@ evaluation option never retrains.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dwf.config.base import (MAX_BATCH, MAX_EPOCHS, MAX_LOSS_WEIGHT, MAX_LR, MAX_MEMBERS, MAX_STEPS,
-                             MAX_WIDTH, ConfigError, at_most, check, choice, in_unit, nonempty,
-                             positive)
+                             MAX_WIDTH, at_most, check, choice, in_unit, nonempty, positive)
 
 BN_MODES = ("eval", "train")
 ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.md
@@ -119,20 +118,16 @@ class ADVMoEConfig(TradesConfig):
 
 
 @dataclass(frozen=True)
-class Baselines:
-    """Settings of every system the paper compares against, by defense name (docs/baselines.md)."""
+class ZooConfig(TrainConfig):
+    """Plain training of a network of models/zoo.py (the undefended rows of Tables 2-3).
 
-    resnet18: TrainConfig | None = None
-    resnet18_fgsm_at: AdvTrainConfig | None = None
-    resnet18_pgd_at: AdvTrainConfig | None = None
-    trades: TradesConfig | None = None
-    soe: SoEConfig | None = None
-    advmoe: ADVMoEConfig | None = None
+    `width` is the network's own (its first stage's channels, a DenseNet's growth rate): the
+    profile's `width` is ResNet-18's, and the networks' sources differ (models/zoo.py).
+    """
 
-    def get(self, name: str) -> TrainConfig:
-        """The settings of defense `name`; ConfigError if the profile has none."""
-        names = [f.name for f in dataclasses.fields(self)]
-        choice(name, "baselines", tuple(names))
-        if getattr(self, name) is None:
-            raise ConfigError(f"baselines.{name}: no settings for this defense in the profile")
-        return getattr(self, name)
+    width: int = field(kw_only=True)  # required: the public source's value, smaller for CPU
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive(self, "width")
+        at_most(self, MAX_WIDTH, "width")

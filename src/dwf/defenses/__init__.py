@@ -1,50 +1,40 @@
 """Defenses: how each model is built and trained. One file per defense.
 
-`DEFENSES` names every system the paper compares against (Tables 2-3); `train_defense` builds
-one from the profile's ResNet-18 arguments and its settings (params `baselines.<name>`),
-trains it with the shared loop and writes its checkpoint. DWF itself lives in `dwf.py`.
+`DEFENSES` (config/defenses.py, the registry) names every system the paper compares against
+(Tables 2-3) with its architecture and its recipe by name; `RECIPES` holds the training each
+recipe name stands for. `train_defense` builds one from the profile's ResNet-18 arguments and its
+settings (params `baselines.<name>`), trains it with the shared loop and writes its checkpoint.
+DWF itself lives in `dwf.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from dwf import models
-from dwf.config import TrainConfig
+from dwf.config import DEFENSES, TrainConfig
+from dwf.config import arch_kwargs as defense_arch_kwargs
 from dwf.defenses import advmoe, at, soe, trades
 from dwf.defenses.dwf import finish_stage, resume_path
 from dwf.train import Phase, Recipe, fit
-
-
-def _same(base: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    return base
 
 
 def _always(recipe: Recipe) -> Callable[[TrainConfig], Recipe]:
     return lambda cfg: recipe
 
 
-@dataclass(frozen=True)
-class Defense:
-    """How a defense is built (architecture, its arguments) and trained (recipe or phases)."""
-
-    arch: str  # name in models.ARCHITECTURES
-    plan: Callable[[Any], Recipe | Sequence[Phase]]  # settings -> what fit runs
-    arch_kwargs: Callable[[dict[str, Any], Any], dict[str, Any]] = _same  # (ResNet-18 args, settings)
-
-
-DEFENSES: dict[str, Defense] = {
-    "resnet18": Defense("resnet18", _always(at.benign_batch)),
-    "resnet18_fgsm_at": Defense("resnet18", _always(at.fgsm_at_batch)),
-    "resnet18_pgd_at": Defense("resnet18", _always(at.pgd_at_batch)),
-    "trades": Defense("resnet18", _always(trades.trades_batch)),
-    "soe": Defense("soe", _always(soe.soe_batch), soe.arch_kwargs),
-    "advmoe": Defense("advmoe_resnet18", advmoe.phases, advmoe.arch_kwargs),
+# recipe name (DEFENSES[...].recipe) -> settings -> what fit runs (one recipe per batch, or phases)
+RECIPES: dict[str, Callable[[Any], Recipe | Sequence[Phase]]] = {
+    "benign": _always(at.benign_batch),
+    "fgsm_at": _always(at.fgsm_at_batch),
+    "pgd_at": _always(at.pgd_at_batch),
+    "trades": _always(trades.trades_batch),
+    "soe": _always(soe.soe_batch),
+    "advmoe": advmoe.phases,
 }
 
 
@@ -66,11 +56,11 @@ def train_defense(name: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConf
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)}")
     defense = DEFENSES[name]
-    kwargs = defense.arch_kwargs(arch_kwargs, cfg)
+    kwargs = defense_arch_kwargs(name, arch_kwargs, cfg)
     torch.manual_seed(seed)
     model = models.build(defense.arch, **kwargs).to(device)
     meta = {"arch": defense.arch, "arch_kwargs": kwargs, "dataset": dataset, "defense": name}
-    history = fit(model, defense.plan(cfg), x, y, cfg=cfg, seed=seed, flip=flip,
+    history = fit(model, RECIPES[defense.recipe](cfg), x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
                   device=device, progress=progress, desc=f"{out.stem} ({name})")
     finish_stage(out, model, meta, cfg, seed, history)

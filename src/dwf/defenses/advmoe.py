@@ -12,8 +12,6 @@ Deviations from the paper and the official code: docs/baselines.md.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -64,9 +62,3 @@ def phases(cfg: ADVMoEConfig) -> list[Phase]:
     return [Phase(expert_step, ADVMoEResNet18.expert_parameters),
             Phase(ROUTER_STEPS[cfg.router_objective], ADVMoEResNet18.router_parameters,
                   lr=cfg.router_lr)]
-
-
-def arch_kwargs(base: dict[str, Any], cfg: ADVMoEConfig) -> dict[str, Any]:
-    """The profile's ResNet-18 arguments plus the MoE's: experts, ratio, router size."""
-    return {**base, "n_experts": cfg.n_experts, "ratio": cfg.ratio,
-            "router_width": cfg.router_width, "router_blocks": cfg.router_blocks}

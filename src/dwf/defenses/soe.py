@@ -13,8 +13,6 @@ the paper and the official code: docs/baselines.md.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -56,8 +54,3 @@ def soe_batch(model: SoE, x: torch.Tensor, y: torch.Tensor, cfg: SoEConfig,
     loss_clean, out_clean = soe_loss(model, x, y, cfg.confidence_weight)
     loss_adv, out_adv = soe_loss(model, x_adv, y, cfg.confidence_weight)
     return Objective(loss_clean + loss_adv, torch.cat([out_clean, out_adv]), torch.cat([y, y]))
-
-
-def arch_kwargs(base: dict[str, Any], cfg: SoEConfig) -> dict[str, Any]:
-    """SoE arguments: the profile's ResNet-18 for every sub-model, and their number."""
-    return {**base, "n_submodels": cfg.n_submodels}

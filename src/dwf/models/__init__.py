@@ -12,8 +12,8 @@ from dwf.models.resnet import Normalize, ResNet18
 from dwf.models.soe import SoE
 from dwf.models.zoo import ZOO
 
-__all__ = ["ARCHITECTURES", "ZOO", "build", "ADVMoEResNet18", "Normalize", "ResNet18", "Router",
-           "SoE", "SoftMoE"]
+__all__ = ["ARCHITECTURES", "ZOO", "build", "is_mixture", "ADVMoEResNet18", "Normalize", "ResNet18",
+           "Router", "SoE", "SoftMoE"]
 
 
 def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 128),
@@ -36,3 +36,9 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch](**kwargs)
+
+
+def is_mixture(model: nn.Module) -> bool:
+    """A model with experts and a gate, through the one interface DWF, SoE and ADVMoE share:
+    `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`."""
+    return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
