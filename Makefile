@@ -23,9 +23,10 @@ install: $(VENV)/.installed
 demo: install
 	cd $(STUDY) && dvc repro $(DEMO_TARGETS) && dwf table $(DEMO_METRICS)
 
-# The study runs its jobs two at a time through the Snakefile (the same commands as dvc.yaml),
-# then records them in dvc.lock: `dvc repro` runs one stage after another, and a job's second
-# thread buys 15-63% where a second job doubles the work done (cpu_threads: 1;
+# The study runs through the Snakefile (the same commands as dvc.yaml), then records its outputs
+# in dvc.lock: `dvc repro` runs one stage after another, Snakemake two one-thread trainings side
+# by side (a job's second thread buys 15-63%, a second job 100%: cpu_threads: 1) and each
+# evaluation alone over both cores, its independent attacks in two processes (dwf.workers;
 # docs/performance.md). `dvc repro` there gives the same files (tests/test_pipeline.py).
 study: install
 	cd $(STUDY) && snakemake -s ../../Snakefile --cores 2 --quiet rules \

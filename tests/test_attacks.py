@@ -203,3 +203,47 @@ def test_keep_best_refuses_graph_replay(small):
     model, x, y = small
     with pytest.raises(ValueError, match="keep_best"):
         attacks.pgd(model, x, y, eps=EPS, alpha=ALPHA, steps=2, graph=True, keep_best=True)
+
+
+class _Rows(torch.nn.Module):
+    """Counts the examples each forward pass sees."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return self.model(x)
+
+
+def _full_batch_fooled(model, x, y, eps, alpha, steps, seed):
+    """Reference: PGD on the whole batch at every step; an example counts as fooled if any
+    iterate misclassified it."""
+    x_adv = attacks._pgd_start(x, eps, True, torch.Generator().manual_seed(seed))
+    fooled = torch.zeros(len(x), dtype=torch.bool)
+    for k in range(steps + 1):
+        with torch.no_grad():
+            fooled |= model(x_adv).argmax(1) != y
+        if k < steps:
+            grad, _ = attacks._input_grad(model, x_adv, y, attacks.cross_entropy)
+            x_adv = attacks.project(x_adv + alpha * grad.sign(), x, eps)
+    return fooled
+
+
+@pytest.mark.parametrize("eps", [0.05, EPS, 0.3])
+def test_attacking_only_what_is_still_robust_fools_the_same_examples(trained_model, test_batch, eps):
+    """keep_best drops an example once an iterate fooled it (issue 12: attacks run only on points
+    still robust): the examples fooled after every k are those of PGD on the whole batch, and
+    the forward passes see fewer examples."""
+    x, y = test_batch
+    counted = _Rows(trained_model)
+    many = attacks.pgd_iterates(counted, x, y, eps=eps, alpha=eps / 4, steps=[1, 3, 10], seed=5,
+                                keep_best=True)
+    for k, x_k in many.items():
+        wrong, _ = attacks.attack_score(trained_model, x_k, y)
+        assert torch.equal(wrong, _full_batch_fooled(trained_model, x, y, eps, eps / 4, k, 5)), k
+        assert (x_k - x).abs().max() <= eps + TOL and 0 <= x_k.min() and x_k.max() <= 1
+    assert counted.seen < 11 * len(x)  # the whole batch at all 11 passes: nothing saved
+    if eps == 0.3:  # every digit falls within a few steps: the rest costs nothing
+        assert counted.seen < 5 * len(x)

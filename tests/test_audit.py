@@ -205,6 +205,8 @@ def test_binarized_model_has_its_adversarial_inside_the_ball(data):
     with torch.no_grad():
         assert (probe(target).argmax(1)[valid] == 1).all()
         assert (probe(x).argmax(1)[valid] == 0).all()
+        rows = torch.tensor([3, 0, 7])  # what an attack that drops fooled examples sees
+        assert torch.allclose(probe.subset(rows)(x[rows]), probe(x)[rows], atol=1e-5)
 
 
 def test_converged_asks_what_doubled_pgd_fools_beyond_every_attack():

@@ -123,13 +123,25 @@ class _Best:
     def __init__(self):
         self.x = self.wrong = self.loss = None
 
-    def update(self, x_adv: torch.Tensor, wrong: torch.Tensor, loss: torch.Tensor) -> None:
+    def update(self, x_adv: torch.Tensor, wrong: torch.Tensor, loss: torch.Tensor,
+               rows: torch.Tensor | None = None) -> None:
+        """Score candidates x_adv for every example, or (rows) for those rows of the batch."""
         if self.x is None:
-            self.x, self.wrong, self.loss = x_adv, wrong, loss
+            self.x, self.wrong, self.loss = x_adv.clone(), wrong.clone(), loss.clone()
             return
-        better = (wrong & ~self.wrong) | ((wrong == self.wrong) & (loss > self.loss))
-        self.x = torch.where(better.view(-1, *([1] * (x_adv.dim() - 1))), x_adv, self.x)
-        self.wrong, self.loss = self.wrong | wrong, torch.where(better, loss, self.loss)
+        if rows is None:
+            rows = torch.arange(len(self.x), device=self.x.device)
+        was_wrong, was_loss = self.wrong[rows], self.loss[rows]
+        better = (wrong & ~was_wrong) | ((wrong == was_wrong) & (loss > was_loss))
+        self.x[rows] = torch.where(better.view(-1, *([1] * (x_adv.dim() - 1))), x_adv, self.x[rows])
+        self.wrong[rows], self.loss[rows] = was_wrong | wrong, torch.where(better, loss, was_loss)
+
+
+def _rows(model: nn.Module, rows: torch.Tensor, n: int) -> nn.Module:
+    """The model for some rows of an n-example batch: itself, unless its row i belongs to
+    example i (audit.Binarized), which then gives `subset(rows)`."""
+    subset = getattr(model, "subset", None)
+    return subset(rows) if subset is not None and len(rows) < n else model
 
 
 def _pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
@@ -140,22 +152,36 @@ def _pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     again; the last iterate alone then misses a near-tie example that the attack did find.
     Iterate k is scored from the forward pass that takes its gradient for step k + 1, so the
     whole run costs one extra forward pass (the score of the last iterate).
+
+    Once an iterate misclassifies an example, that example is done: it keeps that iterate and
+    leaves the batch, so later steps cost only what is still robust. Every other example's
+    trajectory is what it would be in the full batch (eval mode: an example's gradient is its
+    own; the step takes its sign), so the examples fooled are the same. A model whose rows are
+    tied to examples attacks the remaining ones through `subset(rows)` (`_rows`).
     """
     x_adv, best = _pgd_start(x, eps, random_start, generator), _Best()
+    active = torch.arange(len(x), device=x.device)  # examples no iterate has fooled yet
     for k in range(steps + 1):
+        xa, ya, m = x_adv[active], y[active], _rows(model, active, len(x))
         if k == steps:
             with torch.no_grad():
-                logits = model(x_adv)
-            best.update(x_adv, logits.argmax(1) != y, loss_fn(logits, y))
+                logits = m(xa)
+            loss = loss_fn(logits, ya)
         else:
-            grad, loss, logits = _grad_and_output(model, x_adv, y, loss_fn)
-            best.update(x_adv, logits.argmax(1) != y, loss)
+            grad, loss, logits = _grad_and_output(m, xa, ya, loss_fn)
+        best.update(xa, logits.argmax(1) != ya, loss, None if k == 0 else active)
         if k > 0:
-            yield best.x
+            yield best.x.clone()
         if k < steps:
-            x_adv = project(x_adv + alpha * grad.sign(), x, eps)
+            x_adv[active] = project(xa + alpha * grad.sign(), x[active], eps)
+            still = ~best.wrong[active]
+            active = active[still]
+            if len(active) == 0:  # every example fooled: iterates k + 1..steps are the best ones
+                for _ in range(steps - k):
+                    yield best.x.clone()
+                return
     if steps == 0:
-        yield best.x
+        yield best.x.clone()
 
 
 def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,

@@ -107,8 +107,10 @@ def attack_parts(aud: Auditor, cfg: EvalConfig, single_step: Callable) -> dict[s
     eps, k = cfg.pgd_eps, cfg.strong_steps
     ratio = cfg.pgd_alpha / cfg.pgd_eps if cfg.pgd_eps else 0.25  # step size as a share of eps
     parts = {"clean": Part(1, lambda: aud.correct(lambda m, x, y: x, 0.0))}
-    parts |= {f"eps/{f:g}": Part(k, lambda f=f: aud.pgd(_eps(f, cfg), ratio * _eps(f, cfg), k))
-              for f in EPS_FRACTIONS}
+    # at eps 0 every step projects back onto x: one step asks what k steps would (the steps
+    # that may leave the ball are the other runs', all measured by in_ball)
+    parts |= {f"eps/{f:g}": Part(s, lambda f=f, s=s: aud.pgd(_eps(f, cfg), ratio * _eps(f, cfg), s))
+              for f, s in ((f, k if f else 1) for f in EPS_FRACTIONS)}
     parts["fgsm"] = Part(1, lambda: aud.correct(lambda m, x, y: single_step(m, x, y, eps=eps), eps))
     parts |= {f"pgd/{s}x{rr}": Part(s * rr, lambda s=s, rr=rr: aud.pgd(eps, cfg.pgd_alpha, s, rr))
               for s, rr in _budgets(cfg) if (s, rr) != (k, 1)}
@@ -317,6 +319,10 @@ class Binarized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = (self.model(x) * self.w).sum(1) + self.b  # (N,)
         return torch.stack([-s, s], dim=1)
+
+    def subset(self, rows: torch.Tensor) -> Binarized:
+        """The binarized model of some of its images (attacks that drop fooled examples)."""
+        return Binarized(self.model, self.w[rows], self.b[rows])
 
 
 @torch.no_grad()
