@@ -65,17 +65,19 @@ def test_plan_matches_hand_counted_hours(tmp_path):
     assert seconds["expert fgsm"] == pytest.approx(10 * 1408 * (1 / 2000 + 1 / 1000))
     # joint: 4 epochs; FGSM + PGD-k (mean 3) through the mixture, SGD on [clean, FGSM, PGD]
     assert seconds["joint dwf"] == pytest.approx(4 * 1408 * (4 / 200 + 3 / 100))  # 281.6 s
-    # protocol per test digit (360): attacks FGSM 1 + PGD-3 3 + PGD-4 x 2 8 + PGD-5 5 = 17;
-    # forwards clean 1 + FGSM check 1 + PGD-2/3 (last score 1, checks 2) + PGD-4 x 2 (last
-    # scores 2, ranking 2, check 1) + PGD-5 (last score 1, check 1) = 12
-    benign = rows["evaluate experts/benign"]["parts"]
-    assert benign["protocol"] / 2 * 3600 == pytest.approx(360 * (17 / 2000 + 12 / 4000))  # 4.14 s
+    # protocol per test digit (360): attacks FGSM 1; the PGD runs keep their best iterate, so
+    # each restart's first step runs on every digit and its other steps on the robust share r
+    # only: PGD-3 1 + 2r, PGD-4 x 2 2 x (1 + 3r), PGD-5 1 + 4r; 5 + 12r in all (17 on every
+    # digit). Forwards clean 1 + FGSM check 1 + PGD-2/3 (last score 1, checks 2) + PGD-4 x 2
+    # (last scores 2, ranking 2, check 1) + PGD-5 (last score 1, check 1) = 12
+    benign = rows["evaluate experts/benign"]["parts"]  # r = 0: the undefended expert keeps none
+    assert benign["protocol"] / 2 * 3600 == pytest.approx(360 * (5 / 2000 + 12 / 4000))  # 1.98 s
     # AutoAttack: APGD-CE (101 gradients, 1 clean check) on all 360; the undefended expert keeps
     # nothing, so APGD-T, FAB-T and Square run on no example
     assert benign["autoattack"] / 2 * 3600 == pytest.approx(360 * (101 / 2000 + 1 / 4000))
     dwf = rows["evaluate dwf"]["parts"]
-    # the mixture: the same 17 + 12, plus one gate-usage forward
-    assert dwf["protocol"] / 2 * 3600 == pytest.approx(360 * (17 / 200 + 13 / 400))
+    # the mixture, half robust: 5 + 12 / 2 = 11 attacks, the same 12 forwards plus one gate-usage
+    assert dwf["protocol"] / 2 * 3600 == pytest.approx(360 * (11 / 200 + 13 / 400))
     # half of 360 robust: APGD-T 9 x 101 and FAB-T 9 x 100 gradients, FAB's 900 predictions
     # and 10 Square queries on 180 digits
     aa = 360 * (101 / 200 + 1 / 400) + 180 * ((909 + 900) / 200 + (900 + 10) / 400)
@@ -91,7 +93,27 @@ def test_robust_share_prices_the_attacks_after_the_first():
     none, all_ = (plan.autoattack(cfg, "mixture", 100, r) for r in (0.0, 1.0))
     assert none[("mixture", "attack")] == 100 * 101
     assert all_[("mixture", "forward")] == 100 * (1 + 900 + 5000)
-    assert plan.strong(cfg, "mixture", 9, 9, 0) == plan.Counts()  # no examples, no passes
+    assert plan.strong(cfg, "mixture", 9, 9, 0, 0.5) == plan.Counts()  # no examples, no passes
+
+
+def test_only_keep_best_attacks_on_the_model_shrink_to_the_robust_share():
+    """A PGD that keeps its best iterate drops an example once an iterate fooled it: its first
+    step per restart on every example, the rest on the robust share r; attacks on another
+    network (members, transfer sources) and the gate attack take every step on every example."""
+    cfg = load_params(STUDY, "digits", ["evaluate.strong_steps=4", "evaluate.strong_restarts=2"]
+                      ).profile("digits").evaluate
+    n, r = 100, 0.5
+    # strong suite: DLR and margin PGD-4 x 2 on the mixture, 2 x 2 x (1 + 3r); the gate attack's
+    # 4 x 2 objective iterations; PGD-4 x 2 on 9 members and 9 sources, 8 each, on the expert
+    strong = plan.strong(cfg, "mixture", 9, 9, n, r)
+    assert strong[("mixture", "attack")] == pytest.approx(n * (4 * (1 + 3 * r) + 8))  # 18, not 24
+    assert strong[("expert", "attack")] == n * 18 * 8
+    # audit: the eps sweep 1 step at eps 0, 4 at 0.25 and 0.5 eps on every example, 1 + 3r at
+    # eps and 2 eps; the iteration sweep 1 x 1: 1, 2 x 1: 1 + r, 4 x 2: 2 (1 + 3r), doubled
+    # 8 x 4: 4 (1 + 7r); large eps PGD-20: 1 + 19r; FGSM 1; the binarized model 2 (1 + 3r):
+    # 23 + 66r per example, and 2 input gradients on one batch
+    audit = plan.audit(cfg, "mixture", n, r)
+    assert audit[("mixture", "attack")] == pytest.approx(n * (23 + 66 * r) + 2 * min(cfg.batch_size, n))
 
 
 def test_registry_rows_run_their_own_network_and_undefended_ones_assume_no_robustness():

@@ -24,8 +24,6 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.densenet import _DenseBlock, _Transition
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from dwf.models.resnet import Normalize, check_channels, head
 
@@ -121,11 +119,15 @@ class CifarResNet(_Zoo):
 
 def resnet34(**kwargs) -> CifarResNet:
     """ResNet-34 (BasicBlock, [3, 4, 6, 3]), as [40] builds it for SVHN."""
+    from torchvision.models.resnet import BasicBlock  # here: torchvision.models costs ~1.5 s to import
+
     return CifarResNet(BasicBlock, [3, 4, 6, 3], **kwargs)
 
 
 def resnet50(**kwargs) -> CifarResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]), as [39] (CIFAR-10) and [40] (SVHN) build it."""
+    from torchvision.models.resnet import Bottleneck
+
     return CifarResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
@@ -136,6 +138,8 @@ class CifarDenseNet(_Zoo):
 
     def __init__(self, block_config, num_classes=10, width=32, mean=_MEAN, std=_STD,
                  in_channels=3):
+        from torchvision.models.densenet import _DenseBlock, _Transition  # see resnet34
+
         super().__init__(mean, std, in_channels)
         c = 2 * width  # width = growth rate
         layers = OrderedDict(conv0=nn.Conv2d(in_channels, c, 3, 1, 1, bias=False))
