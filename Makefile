@@ -24,16 +24,17 @@ demo: install
 	cd $(STUDY) && dvc repro $(DEMO_TARGETS) && dwf table $(DEMO_METRICS)
 
 # The study runs through the Snakefile (the same commands as dvc.yaml), then records its outputs
-# in dvc.lock: `dvc repro` runs one stage after another, Snakemake two one-thread trainings side
-# by side (a job's second thread buys 15-63%, a second job 100%: cpu_threads: 1) and each
-# evaluation alone over both cores, its independent attacks in two processes (dwf.workers;
-# docs/performance.md). `dvc repro` there gives the same files (tests/test_pipeline.py).
+# in dvc.lock: `dvc repro` runs one stage after another, Snakemake two one-process jobs side by
+# side (a job's second thread buys 15-63%, a second job 100%: cpu_threads: 1), evaluations too
+# (--set-threads evaluate=1: one worker each, so no core waits on an evaluation's last part;
+# DWF's start first, as soon as its training is done; docs/performance.md). `dvc repro` there
+# gives the same files (tests/test_pipeline.py).
 # Snakemake judges by file times, and a clone's committed metrics look newer than anything:
 # DVC (dvc.lock's hashes of code, params and data) says whether the study is current; if not,
 # it is rebuilt whole (`dvc repro` there reruns only the stale stages, one at a time).
 study: install
 	cd $(STUDY) && if dvc status --quiet dvc.yaml; then echo "the study is up to date (dvc status)"; \
-		else snakemake -s ../../Snakefile --cores 2 --quiet rules --forceall \
+		else snakemake -s ../../Snakefile --cores 2 --set-threads evaluate=1 --quiet rules --forceall \
 		&& dvc commit -f dvc.yaml; fi && cat reports/table2.md reports/table3.md
 
 test: install

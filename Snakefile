@@ -127,6 +127,9 @@ rule evaluate:
     # its independent attacks run in {threads} processes (dwf.workers; the results do not depend
     # on the number): scaled down to --cores on one machine, one process on a GPU
     threads: 8
+    # above the baselines' trainings: DWF's evaluations, the longest jobs, start as soon as
+    # the mixture is trained, and short jobs fill the end
+    priority: 1
     resources:
         gpu=1,
     shell:

@@ -25,7 +25,9 @@ def _counted_macs(model: nn.Module, shape: tuple[int, int, int] = (3, 32, 32)) -
             total += m.in_features * m.out_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
-    model.eval()(torch.rand(1, *shape))
+    # train mode: in eval mode BatchNorm folds into F.conv2d (resnet.fold) and no Conv2d
+    # module runs; out[0] is one image's output either way
+    model.train()(torch.rand(2, *shape))
     for h in handles:
         h.remove()
     return total

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from dwf import attacks, checkpoint, forensics, models
 from dwf.cli import app
+from dwf.config.defenses import label
 from dwf.runtime import derive_seed
 
 EPS, ALPHA = 0.1, 0.03
@@ -222,7 +223,8 @@ def test_cli_writes_the_sweep_and_prints_the_section(tmp_path, tiny_params, monk
     assert set(saved["models"]) == {"experts/benign", "dwf"}
     assert saved["models"]["experts/benign"]["variants"]["softmax_mixture"] is None
     assert saved["steps"] == [1, 2] and saved["eps"] == 0.1 and saved["n_examples"] == 8
-    assert saved["section"] == forensics.section(saved) and saved["section"] in r.stdout
+    assert saved["section"] == forensics.section(saved, label) and saved["section"] in r.stdout
+    assert "DWF (ours)" in saved["section"]  # the tables' labels, not the pipeline's names
 
 
 @pytest.mark.parametrize("args, says", [

@@ -158,6 +158,9 @@ def _pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     trajectory is what it would be in the full batch (eval mode: an example's gradient is its
     own; the step takes its sign), so the examples fooled are the same. A model whose rows are
     tied to examples attacks the remaining ones through `subset(rows)` (`_rows`).
+
+    Every yield is the same tensor, updated in place by later steps: a caller that keeps an
+    iterate copies it (pgd_iterates does, at the counts it was asked for).
     """
     x_adv, best = _pgd_start(x, eps, random_start, generator), _Best()
     active = torch.arange(len(x), device=x.device)  # examples no iterate has fooled yet
@@ -171,17 +174,17 @@ def _pgd_best(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
             grad, loss, logits = _grad_and_output(m, xa, ya, loss_fn)
         best.update(xa, logits.argmax(1) != ya, loss, None if k == 0 else active)
         if k > 0:
-            yield best.x.clone()
+            yield best.x
         if k < steps:
             x_adv[active] = project(xa + alpha * grad.sign(), x[active], eps)
             still = ~best.wrong[active]
             active = active[still]
             if len(active) == 0:  # every example fooled: iterates k + 1..steps are the best ones
                 for _ in range(steps - k):
-                    yield best.x.clone()
+                    yield best.x
                 return
     if steps == 0:
-        yield best.x.clone()
+        yield best.x
 
 
 def _pgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
@@ -217,8 +220,8 @@ def pgd_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     trajectory = _pgd_best if keep_best else _pgd_iterates
     it = trajectory(model, x, y, eps, alpha, max(steps), random_start, gen, LOSSES[loss])
     for k, x_adv in enumerate(it, start=1):
-        if k in wanted:
-            out[k] = x_adv.detach()
+        if k in wanted:  # a copy: keep_best's trajectory updates one tensor in place
+            out[k] = x_adv.detach().clone()
     return {k: out[k] for k in steps}
 
 

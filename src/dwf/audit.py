@@ -38,6 +38,31 @@ def _check(ok: bool, value: Any) -> Check:
     return {"pass": bool(ok), "value": value}
 
 
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fn: Callable, eps: float, *,
+            batch_size: int, only: torch.Tensor | None = None) -> Run:
+    """Per-example correctness (bool, CPU) under fn(model, x, y) -> x_adv, run in batches, and
+    the largest step outside the eps-ball or [0, 1] it took (pixel units; inf for a non-finite
+    output).
+
+    `only` (bool, CPU) restricts the attack to some examples; the others count as correct.
+    """
+    keep = torch.ones(len(x), dtype=torch.bool) if only is None else only
+    idx = keep.nonzero().squeeze(1).to(x.device)
+    out, excess = [torch.zeros(0, dtype=torch.bool)], 0.0
+    for i in range(0, len(idx), batch_size):
+        xb, yb = x[idx[i:i + batch_size]], y[idx[i:i + batch_size]]
+        x_adv = fn(model, xb, yb)
+        steps = ((x_adv - xb).abs().amax() - eps, -x_adv.amin(), x_adv.amax() - 1)
+        excess = max(excess, *(float(e) for e in steps))
+        if not torch.isfinite(x_adv).all():
+            excess = float("inf")
+        with torch.no_grad():
+            out.append((model(x_adv).argmax(1) == yb).cpu())
+    flags = torch.ones(len(x), dtype=torch.bool)
+    flags[keep] = torch.cat(out)
+    return {"correct": flags, "excess": excess}
+
+
 class Auditor:
     """Runs one attack family on the audited examples in batches, recording correctness.
 
@@ -53,26 +78,8 @@ class Auditor:
         self.batch_size, self.seed = batch_size, seed
 
     def correct(self, fn: Callable, eps: float, only: torch.Tensor | None = None) -> Run:
-        """Per-example correctness (bool, CPU) under fn(model, x, y) -> x_adv, and the largest
-        step outside the eps-ball or [0, 1] it took (pixel units; inf for a non-finite output).
-
-        `only` (bool, CPU) restricts the attack to some examples; the others count as correct.
-        """
-        keep = torch.ones(len(self.x), dtype=torch.bool) if only is None else only
-        idx = keep.nonzero().squeeze(1).to(self.x.device)
-        out, excess = [torch.zeros(0, dtype=torch.bool)], 0.0
-        for i in range(0, len(idx), self.batch_size):
-            x, y = self.x[idx[i:i + self.batch_size]], self.y[idx[i:i + self.batch_size]]
-            x_adv = fn(self.model, x, y)
-            steps = ((x_adv - x).abs().amax() - eps, -x_adv.amin(), x_adv.amax() - 1)
-            excess = max(excess, *(float(e) for e in steps))
-            if not torch.isfinite(x_adv).all():
-                excess = float("inf")
-            with torch.no_grad():
-                out.append((self.model(x_adv).argmax(1) == y).cpu())
-        flags = torch.ones(len(self.x), dtype=torch.bool)
-        flags[keep] = torch.cat(out)
-        return {"correct": flags, "excess": excess}
+        """`correct` on the audited examples."""
+        return correct(self.model, self.x, self.y, fn, eps, batch_size=self.batch_size, only=only)
 
     def pgd(self, eps: float, alpha: float, steps: int, restarts: int = 1) -> Run:
         seed = derive_seed(self.seed, "audit", f"{eps:g}/{steps}/{restarts}")
@@ -463,6 +470,5 @@ def square_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConf
     marks, at pgd_eps."""
     if square is None:
         return None
-    aud = Auditor(model, x, y, attack=attacks.pgd, batch_size=cfg.batch_size, seed=0)
-    return lambda only: aud.correct(lambda m, xb, yb: square(m, xb, yb, eps=cfg.pgd_eps),
-                                    cfg.pgd_eps, only=only)
+    return lambda only: correct(model, x, y, lambda m, xb, yb: square(m, xb, yb, eps=cfg.pgd_eps),
+                                cfg.pgd_eps, batch_size=cfg.batch_size, only=only)

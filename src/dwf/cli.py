@@ -435,6 +435,7 @@ def forensics(undefended: Annotated[str, typer.Option(
     from dwf.config import MODEL_NAME, check_name
     from dwf.data import load_split, to_unit
     from dwf.forensics import STEPS, compare, section
+    from dwf.config.defenses import label
     from dwf.runtime import derive_seed
 
     names = [undefended, *(model_names or ["dwf"])]
@@ -456,7 +457,8 @@ def forensics(undefended: Annotated[str, typer.Option(
                      batch_size=cfg.batch_size, seed=derive_seed(p.seed, run, dataset, "forensics"),
                      progress=say)
     result["checkpoints"] = {name: str(c) for name, c in checkpoints.items()}
-    result["section"] = section(result)  # the comparison page's, rendered here: no torch in report
+    # the comparison page's section, rendered here (no torch in report), with its model labels
+    result["section"] = section(result, label)
     _write_json(out, result)
     typer.echo(result["section"])
     typer.echo(f"wrote {out}")
@@ -569,7 +571,8 @@ def plan(params: ParamsOpt = Path("params.yaml"),
          device: DeviceOpt = None,
          robust: Annotated[float, typer.Option(
              min=0.0, max=1.0, help="assumed share of examples an adversarially trained model "
-                                    "keeps after the protocol and APGD-CE")] = 0.55,
+                                    "keeps: what PGD's later steps and AutoAttack's later "
+                                    "attacks still run on")] = 0.55,
          json_out: Annotated[Optional[Path], typer.Option("--json", help="plan JSON to write")] = None):
     """Projected jobs and device-hours of the whole `dvc repro` (training and evaluation), per
     job kind and in total, from measured rates (docs/bench/); says which are extrapolated."""

@@ -27,7 +27,7 @@ from dwf.data import to_unit
 from dwf.fileio import atomic_write
 from dwf.fingerprint import code_version, tensor_digest, weights_digest
 from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord, Records
-from dwf.models import is_mixture
+from dwf.models import frozen, is_mixture
 from dwf.runtime import derive_seed
 from dwf.workers import Part, run
 
@@ -112,7 +112,7 @@ class Resume:
     """Results of the parts of an evaluation, kept in `folder` so a rerun skips them.
 
     A part's file is reused only if it was saved under the same key (model, data, settings,
-    seed, code) and holds what the part's validator accepts; otherwise it is recomputed, said
+    seed, code) and holds what the part's `valid` accepts; otherwise it is recomputed, said
     once on stderr. Workers save their own parts (atomic writes: a killed run leaves whole files).
 
     Args:
@@ -123,9 +123,9 @@ class Resume:
         self.folder, self.key = folder, key
         self.said = False
 
-    def part(self, name: str, part: Part, valid: Callable[[Any], bool]) -> Part:
+    def part(self, name: str, part: Part) -> Part:
         """`part`, its result read back when saved under this key, else computed and saved."""
-        return Part(part.cost, functools.partial(self._get, name, part.run, valid))
+        return dataclasses.replace(part, run=functools.partial(self._get, name, part.run, part.valid))
 
     def _get(self, name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
         path = self.folder / f"{name.replace('/', '__')}.pt" if self.folder is not None else None
@@ -180,6 +180,11 @@ def _cost(records: Records, n_experts: int) -> float:
     return max(one(r) for r in records.values())
 
 
+def _batch_len(n: int, b: int, batch_size: int) -> int:
+    """Examples in batch b of n examples in batches of batch_size."""
+    return min(batch_size, n - b * batch_size)
+
+
 def attack_parts(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, y: torch.Tensor,
                  *, batch_size: int, seed: int, device: torch.device) -> dict[str, Part]:
     """Per batch b, clean correctness ("<b>/clean") and each attack of `suite` ("<b>/<name>"):
@@ -189,6 +194,9 @@ def attack_parts(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
         sl = slice(b * batch_size, (b + 1) * batch_size)
         return to_unit(x_u8[sl].to(device)), y[sl].to(device)
+
+    def part(cost: float, fn: Callable[..., Flags], b: int, *args: Any) -> Part:
+        return Part(cost, functools.partial(fn, b, *args), _flags_of(_batch_len(len(x_u8), b, batch_size)))
 
     def clean(b: int) -> Flags:
         x, yb = batch(b)
@@ -206,8 +214,8 @@ def attack_parts(model: nn.Module, suite: dict[str, Entry], x_u8: torch.Tensor, 
 
     parts = {}
     for b in range(-(-len(x_u8) // batch_size)):
-        parts[f"{b}/clean"] = Part(1, functools.partial(clean, b))
-        parts |= {f"{b}/{name}": Part(_cost(entry.records, n_experts), functools.partial(attack, b, name))
+        parts[f"{b}/clean"] = part(1, clean, b)
+        parts |= {f"{b}/{name}": part(_cost(entry.records, n_experts), attack, b, name)
                   for name, entry in suite.items()}
     return parts
 
@@ -228,8 +236,9 @@ def autoattack_parts(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, c
                                    square_queries=cfg.square_queries)
         return {f"autoattack/{k}": v.cpu() for k, v in flags.items()}
 
-    return {f"{b}/autoattack": Part(cost, functools.partial(batch, b))
-            for b in range(-(-len(x_u8) // cfg.batch_size))}
+    n = len(x_u8)
+    return {f"{b}/autoattack": Part(cost, functools.partial(batch, b), _flags_of(_batch_len(n, b, cfg.batch_size)))
+            for b in range(-(-n // cfg.batch_size))}
 
 
 def _gather(results: dict[str, Flags], part: str) -> Flags:
@@ -246,7 +255,7 @@ def audit_parts(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: E
     n = cfg.audit_n or len(x_u8)
     parts = audit.parts(model, to_unit(x_u8[:n].to(device)), y[:n].to(device), cfg=cfg, seed=seed,
                         attack=functools.partial(attacks.pgd, keep_best=True))
-    return {f"audit/{k}": part for k, part in parts.items()}
+    return {f"audit/{k}": dataclasses.replace(part, valid=_audit_result) for k, part in parts.items()}
 
 
 def audit_checks(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, results: dict[str, Any], *,
@@ -367,6 +376,14 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
         family (by_family) and over every attack, n_examples, the per-example worst case, the
         audit, settings. dwf.metricsfile splits it into the headline and details files.
     """
+    with frozen(model, *(sources or {}).values()):  # attacks need input gradients only
+        return _evaluate(model, x_u8, y, cfg=cfg, seed=seed, device=device, progress=progress,
+                         sources=sources, state=state, workers=workers)
+
+
+def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
+              seed: int, device: torch.device, progress: bool, sources: dict[str, nn.Module] | None,
+              state: Path | None, workers: int) -> dict[str, Any]:
     n = cfg.n_examples or len(x_u8)
     x_u8, y = x_u8[:n], y[:n]
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
@@ -378,16 +395,12 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
               ] if state is not None else []
     resume = Resume(state, _key(prints, cfg, seed))
     kw = {"seed": seed, "device": device}
-    parts = {name: resume.part(name, part, _flags_of(len(range(n)[slice(
-                 int(name.partition("/")[0]) * cfg.batch_size, None)][:cfg.batch_size])))
-             for name, part in attack_parts(model, suite, x_u8, y, batch_size=cfg.batch_size, **kw).items()}
+    parts = attack_parts(model, suite, x_u8, y, batch_size=cfg.batch_size, **kw)
     if cfg.autoattack:
-        parts |= {name: resume.part(name, part, _flags_of(len(range(n_aa)[slice(
-                      int(name.partition("/")[0]) * cfg.batch_size, None)][:cfg.batch_size])))
-                  for name, part in autoattack_parts(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, **kw).items()}
+        parts |= autoattack_parts(model, x_u8[:n_aa], y[:n_aa], cfg=cfg, **kw)
     if cfg.audit:
-        parts |= {name: resume.part(name, part, _audit_result)
-                  for name, part in audit_parts(model, x_u8, y, cfg=cfg, **kw).items()}
+        parts |= audit_parts(model, x_u8, y, cfg=cfg, **kw)
+    parts = {name: resume.part(name, part) for name, part in parts.items()}
     with tqdm(total=len(parts), desc="evaluate", unit="part", disable=not progress,
               mininterval=1.0) as bar:
         def done(name: str) -> None:

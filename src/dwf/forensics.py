@@ -288,6 +288,7 @@ def _at(levels: Mapping, k: int) -> float:
 
 
 def _row(variant: str, name: str, run: dict | None, steps: Sequence[int]) -> str:
+    """One variant's row for one model (`name`: as the table prints it)."""
     if run is None:
         return (f"| {label(variant)} | {name} | " + " | ".join(["n/a"] * len(steps))
                 + " | not a mixture | n/a |")
@@ -297,10 +298,11 @@ def _row(variant: str, name: str, run: dict | None, steps: Sequence[int]) -> str
     return f"| {label(variant)} | {name} | {accs} | {left} | {'yes' if run['matches_paper'] else 'no'} |"
 
 
-def verdict(results: Mapping[str, Any]) -> str:
+def verdict(results: Mapping[str, Any], model_label: Callable[[str], str] = str) -> str:
     """Which variant reproduces the paper's pattern on the undefended model, computed."""
-    steps, name = results["steps"], results["undefended"]
-    runs = results["models"][name]["variants"]
+    steps = results["steps"]
+    runs = results["models"][results["undefended"]]["variants"]
+    name = model_label(results["undefended"])
     hits = [v for v, r in runs.items() if v != "correct" and r is not None and r["matches_paper"]]
     first, last = min(steps), max(steps)
     ok = runs["correct"]
@@ -316,11 +318,12 @@ def verdict(results: Mapping[str, Any]) -> str:
     return f"On the undefended model ({name}) the paper's pattern is reproduced by: {which}. {said}"
 
 
-def section(results: Mapping[str, Any]) -> str:
-    """The comparison page's forensics section (Markdown): per variant, every model's PGD-k row."""
+def section(results: Mapping[str, Any], model_label: Callable[[str], str] = str) -> str:
+    """The comparison page's forensics section (Markdown): per variant, every model's PGD-k
+    row; `model_label` names the models as the report's tables do (config.defenses.label)."""
     steps = results["steps"]
     models = results["models"]
-    clean = ", ".join(f"{n} {m['clean']:.1f}%" for n, m in models.items())
+    clean = ", ".join(f"{model_label(n)} {m['clean']:.1f}%" for n, m in models.items())
     lines = [
         "## Protocol forensics: which evaluation mistake reproduces the paper's pattern", "",
         (f"Robust accuracy (%) on {results['n_examples']} test images at eps {results['eps']:g}, "
@@ -335,5 +338,5 @@ def section(results: Mapping[str, Any]) -> str:
         "|---|---|" + "---:|" * len(steps) + "---|---|",
     ]
     for variant in VARIANTS:
-        lines += [_row(variant, n, m["variants"].get(variant), steps) for n, m in models.items()]
-    return "\n".join(lines + ["", verdict(results), ""])
+        lines += [_row(variant, model_label(n), m["variants"].get(variant), steps) for n, m in models.items()]
+    return "\n".join(lines + ["", verdict(results, model_label), ""])

@@ -247,23 +247,27 @@ def audit(cfg: Any, net: str, n: int, robust: float, square: bool = True) -> Cou
 
 
 def macs(model: Any, call: Callable, shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of the convolutions and linear layers of `model` that call(one
-    image of `shape`) runs."""
+    """Multiply-accumulates of the convolutions and linear layers that call(one image of
+    `shape`) runs, counted at the functions (F.conv2d, F.linear): eval-mode BatchNorm folds
+    into F.conv2d calls that no Conv2d module makes (resnet.fold)."""
     import torch
-    from torch import nn
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
 
     total = 0
 
-    def count(module: nn.Module, _: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out[0].numel() * module.weight[0].numel()  # per output: in/groups x kernel
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            nonlocal total
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (F.conv2d, F.linear):
+                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                total += out[0].numel() * weight[0].numel()  # per output: in/groups x kernel
+            return out
 
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
+    with torch.no_grad(), Count():
         call(torch.zeros(1, *shape))
-    for h in hooks:
-        h.remove()
     return total
 
 
@@ -280,7 +284,7 @@ def network_macs(width: int, shape: tuple[int, ...], n_experts: int, *, classes:
     expert = models.build("resnet18", **arch).eval()
     mixture = models.build("softmoe", n_experts=n_experts, expert=arch, router_hidden=router_hidden,
                            input_shape=shape).eval()
-    mixture.batched = False  # the expert loop: the hooks see every layer
+    mixture.batched = False  # the expert loop: its heads are F.linear calls (batched: one einsum)
     out = {"expert": macs(expert, expert, shape), "mixture": macs(mixture, mixture, shape)}
     for name, cfg in (baselines or {}).items():
         if network(name) in out:

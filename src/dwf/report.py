@@ -24,23 +24,14 @@ import yaml
 from scipy import stats
 
 from dwf import paths
-from dwf.config import DEFENSES
+from dwf.config.defenses import label
 from dwf.metricsfile import ATTACKS, Records
 from dwf.metricsfile import read as read_metrics
 from dwf.metricsfile import records as records_of
 
-# the models that are not baselines; a baseline's label is its registry entry's (config.DEFENSES)
-LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (CPU study)"}
 SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
         "audit", "external", ATTACKS}
-
-
-def label(model: str) -> str:
-    """A model's name in tables and figures: a baseline's registry label, else LABELS, else the name."""
-    if model in DEFENSES:
-        return DEFENSES[model].label
-    return LABELS.get(model, model)
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -21,12 +21,18 @@ from typing import Any, Callable
 import torch
 
 
+def _any(result: Any) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Part:
     """One independent piece of work: `run()` -> its result; `cost`, in attack iterations
-    through the model, orders the parts longest first."""
+    through the model, orders the parts longest first; `valid(result)` says whether a result
+    (one read back from disk, say) is of the kind `run` returns."""
     cost: float
     run: Callable[[], Any]
+    valid: Callable[[Any], bool] = _any
 
 
 _PARTS: list[Part] = []  # set before the pool forks: the workers inherit the closures

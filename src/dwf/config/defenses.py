@@ -4,7 +4,7 @@ Each entry says everything the rest of the package reads about a row: the settin
 params section `<dataset>.baselines.<name>` is parsed into (config), the architecture and the
 training recipe, both by name in their own registries (dwf.models.ARCHITECTURES,
 dwf.defenses.RECIPES), which settings are the architecture's arguments, and its label in the
-tables (report). The params' known names, `dwf train --defense`, the report's labels and the
+tables (report, `label`). The params' known names, `dwf train --defense`, the report's labels and the
 plan's networks all read DEFENSES; adding a row is one entry here (docs/baselines.md).
 
 It lives in config, beside the settings classes and free of torch, so that config (which
@@ -92,3 +92,15 @@ class Baselines:
         if name not in self.by_name:
             raise ConfigError(f"baselines.{name}: no settings for this defense in the profile")
         return self.by_name[name]
+
+
+# the models that are not rows of the registry
+MODEL_LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)"}
+
+
+def label(model: str) -> str:
+    """A model's name in tables, figures and the forensics section: a baseline's registry
+    label, else MODEL_LABELS, else the name."""
+    if model in DEFENSES:
+        return DEFENSES[model].label
+    return MODEL_LABELS.get(model, model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from torch import nn
@@ -12,7 +14,7 @@ from dwf.models.resnet import Normalize, ResNet18
 from dwf.models.soe import SoE
 from dwf.models.zoo import ZOO
 
-__all__ = ["ARCHITECTURES", "ZOO", "build", "is_mixture", "ADVMoEResNet18", "Normalize", "ResNet18",
+__all__ = ["ARCHITECTURES", "ZOO", "build", "frozen", "is_mixture", "ADVMoEResNet18", "Normalize", "ResNet18",
            "Router", "SoE", "SoftMoE"]
 
 
@@ -42,3 +44,22 @@ def is_mixture(model: nn.Module) -> bool:
     """A model with experts and a gate, through the one interface DWF, SoE and ADVMoE share:
     `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`."""
     return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
+
+
+@contextmanager
+def frozen(*models: nn.Module) -> Iterator[None]:
+    """No parameter of `models` needs a gradient inside the block; the flags are restored after.
+
+    An evaluation attacks inputs only: with frozen weights, backward passes skip the weights'
+    gradients (AutoAttack's FAB calls `.backward()`, which would otherwise compute and store
+    them) and eval-mode BatchNorm folds once (resnet.fold).
+    """
+    params = {id(p): p for m in models for p in m.parameters()}.values()
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)

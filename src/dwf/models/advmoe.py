@@ -123,7 +123,7 @@ class ADVMoEResNet18(nn.Module):
 
     def routed(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) of images x in [0, 1] through the experts `gate` (N, E) selects."""
-        out = F.relu(self.bn1(stem(self.conv1, self.normalize, x)))  # fp32 stem under bf16
+        out = F.relu(stem(self.conv1, self.normalize, x, self.bn1))  # fp32 stem under bf16
         for block in self.blocks:
             out = block(out, gate)
         return head(self.linear, out.mean(dim=(2, 3)))  # fp32 logits

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dwf import distributed
-from dwf.models.resnet import BasicBlock, ResNet18
+from dwf.models.resnet import BasicBlock, ResNet18, fold
 
 
 def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -58,17 +58,14 @@ def _batch_norm(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor) -> torch.Tensor:
 
 def _conv_bn(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d], x: torch.Tensor
              ) -> torch.Tensor:
-    """BatchNorm(conv(x)) for E experts. In eval mode BatchNorm is a per-channel affine map,
-    folded into the convolution's weight and bias: one pass over the activation instead of
-    three (forward and backward), which matters for attacks, memory-bound at small widths."""
+    """BatchNorm(conv(x)) for E experts; in eval mode one grouped convolution with each
+    BatchNorm folded in (resnet.fold: cached for a frozen model), which matters for attacks,
+    memory-bound at small widths."""
     if bns[0].training:
         return _batch_norm(bns, _conv(convs, x))
-    b = bns[0]
-    scale = _cat([m.weight for m in bns]) * torch.rsqrt(_cat([m.running_var for m in bns]) + b.eps)
-    shift = _cat([m.bias for m in bns]) - _cat([m.running_mean for m in bns]) * scale
+    weight, bias = fold(convs, bns)
     c = convs[0]
-    weight = _cat([m.weight for m in convs]) * scale.view(-1, 1, 1, 1)
-    return F.conv2d(x, weight, shift, c.stride, c.padding, c.dilation, groups=len(convs))
+    return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, groups=len(convs))
 
 
 def _block(blocks: Sequence[BasicBlock], x: torch.Tensor) -> torch.Tensor:

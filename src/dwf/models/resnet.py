@@ -6,6 +6,8 @@ attack works in pixel space (DESIGN.md, threat model).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,11 +33,50 @@ def check_channels(mean: tuple[float, ...], std: tuple[float, ...], in_channels:
                          f"got {len(mean)} and {len(std)}")
 
 
-def stem(conv: nn.Conv2d, normalize: Normalize, x: torch.Tensor) -> torch.Tensor:
-    """conv(normalize(x)) in fp32 even under bf16 autocast: the attacks' input gradient ends
-    here, and a 1- or 3-channel convolution gains nothing from bf16."""
+def fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm folded into the convolution before it: the (weight, bias) of one
+    convolution computing bns[i](convs[i](x)) for every i, the pairs side by side along the
+    output channels (a grouped convolution for several; models/batched.py). In eval mode
+    BatchNorm is a per-channel affine map, so this is the same function up to float rounding,
+    with one pass over the activation instead of three (forward and backward).
+
+    A frozen model (no weight or statistic needs a gradient: `frozen`, under evaluation) keeps
+    the result on the first convolution while those tensors stay the same objects at the same
+    version, so an attack does not rebuild it at every step; one that trains rebuilds it at
+    every call, and gradients reach every weight.
+    """
+    tensors = [t for c, b in zip(convs, bns)
+               for t in (c.weight, b.weight, b.bias, b.running_mean, b.running_var)]
+    cache = None if any(t.requires_grad for t in tensors) else convs[0].__dict__.setdefault("_folded", {})
+    key = tuple(id(t) for t in tensors)
+    if cache is not None and key in cache:
+        saved, versions, folded = cache[key]  # `saved` holds the tensors: their ids stay theirs
+        if versions == tuple(t._version for t in tensors):
+            return folded
+    b = bns[0]
+    scale = torch.cat([m.weight for m in bns]) * torch.rsqrt(torch.cat([m.running_var for m in bns]) + b.eps)
+    bias = torch.cat([m.bias for m in bns]) - torch.cat([m.running_mean for m in bns]) * scale
+    weight = torch.cat([c.weight for c in convs]) * scale.view(-1, 1, 1, 1)
+    if cache is not None:
+        cache[key] = (tensors, tuple(t._version for t in tensors), (weight, bias))
+    return weight, bias
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)); in eval mode as one convolution (`fold`)."""
+    if bn.training or bn.running_var is None:
+        return bn(conv(x))
+    weight, bias = fold([conv], [bn])
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def stem(conv: nn.Conv2d, normalize: Normalize, x: torch.Tensor, bn: nn.BatchNorm2d | None = None
+         ) -> torch.Tensor:
+    """conv(normalize(x)), then bn if given, in fp32 even under bf16 autocast: the attacks'
+    input gradient ends here, and a 1- or 3-channel convolution gains nothing from bf16."""
     with torch.autocast(x.device.type, enabled=False):
-        return conv(normalize(x.float()))
+        x = normalize(x.float())
+        return conv(x) if bn is None else conv_bn(conv, bn, x)
 
 
 def head(linear: nn.Linear, feats: torch.Tensor) -> torch.Tensor:
@@ -60,9 +101,10 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = F.relu(conv_bn(self.conv1, self.bn1, x))
+        out = conv_bn(self.conv2, self.bn2, out)
+        short = conv_bn(*self.shortcut, x) if len(self.shortcut) else x
+        return F.relu(out + short)
 
 
 class ResNet18(nn.Module):
@@ -97,7 +139,7 @@ class ResNet18(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, 8w) of images x in [0, 1]."""
-        out = F.relu(self.bn1(stem(self.conv1, self.normalize, x)))
+        out = F.relu(stem(self.conv1, self.normalize, x, self.bn1))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         # mean over H, W instead of adaptive_avg_pool2d: its CUDA backward is non-deterministic
         return out.mean(dim=(2, 3))
