@@ -12,7 +12,7 @@ from torch import nn
 
 from dwf import checkpoint, data, models
 from dwf.cli import _arch
-from dwf.models import ADVMoEResNet18, Normalize, ResNet18, Router, SoftMoE
+from dwf.models import ADVMoEResNet18, Normalize, ResNet18, Router, SoftMoE, resnet
 
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
 SHAPES = sorted(set(data.SHAPE.values()))  # (1, 8, 8) digits, (3, 32, 32) CIFAR-10 and SVHN
@@ -208,3 +208,61 @@ def test_every_mixture_exposes_its_experts_and_gate_the_same_way(arch):
     suite = strong_suite(EvalConfig(pgd_eps=0.2, pgd_alpha=0.05, strong_steps=1), model, {})
     assert {"strong/gate", "strong/expert_0", "strong/expert_1"} <= set(suite)
     assert not is_mixture(models.build("resnet18", **_kwargs("resnet18", (1, 8, 8))))
+
+
+# ---------------------------------------------------------------- eval-mode BatchNorm folding
+
+def _unfolded(model: ResNet18, x: torch.Tensor) -> torch.Tensor:
+    """The ResNet-18 with every BatchNorm run as its own module (the reference fold replaces)."""
+    def block(b, h):
+        out = F.relu(b.bn1(b.conv1(h)))
+        out = b.bn2(b.conv2(out))
+        return F.relu(out + (b.shortcut(h) if len(b.shortcut) else h))
+    out = F.relu(model.bn1(model.conv1(model.normalize(x))))
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for b in layer:
+            out = block(b, out)
+    return model.linear(out.mean(dim=(2, 3)))
+
+
+def _trained_stats_resnet() -> ResNet18:
+    torch.manual_seed(0)
+    model = ResNet18(width=4)
+    model.train()(torch.rand(16, 3, 16, 16))  # running statistics other than (0, 1)
+    return model.eval()
+
+
+def test_eval_folding_computes_the_batchnorm_network():
+    model, x = _trained_stats_resnet(), torch.rand(5, 3, 16, 16)
+    torch.testing.assert_close(model(x), _unfolded(model, x), atol=1e-5, rtol=1e-5)
+    model.requires_grad_(False)
+    torch.testing.assert_close(model(x), _unfolded(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_folding_is_kept_only_while_frozen_and_unchanged():
+    model, x = _trained_stats_resnet(), torch.rand(5, 3, 16, 16)
+    conv, bn = model.layer1[0].conv1, model.layer1[0].bn1
+    assert resnet.fold([conv], [bn])[0] is not resnet.fold([conv], [bn])[0]  # trainable: every call
+    with models.frozen(model):
+        first = resnet.fold([conv], [bn])
+        assert resnet.fold([conv], [bn])[0] is first[0]  # frozen: kept
+        with torch.no_grad():
+            bn.running_var.mul_(4)  # in place: the kept one is stale
+        assert resnet.fold([conv], [bn])[0] is not first[0]
+        torch.testing.assert_close(model(x), _unfolded(model, x), atol=1e-5, rtol=1e-5)
+        before = model(x)
+        conv.weight.data = 2 * conv.weight.data  # new storage, same Parameter (as .to() does)
+        assert not torch.allclose(model(x), before)
+        torch.testing.assert_close(model(x), _unfolded(model, x), atol=1e-5, rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # frozen restores the flags
+
+
+def test_eval_mode_gradients_reach_every_weight():
+    model, x = _trained_stats_resnet(), torch.rand(5, 3, 16, 16)
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    ref = _trained_stats_resnet()
+    _unfolded(ref, x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)

@@ -41,24 +41,28 @@ def fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> tuple[tor
     with one pass over the activation instead of three (forward and backward).
 
     A frozen model (no weight or statistic needs a gradient: `frozen`, under evaluation) keeps
-    the result on the first convolution while those tensors stay the same objects at the same
-    version, so an attack does not rebuild it at every step; one that trains rebuilds it at
-    every call, and gradients reach every weight.
+    the result on the first convolution while those tensors hold the same data (storage and
+    version: an in-place update, `.to()`, `.half()` or a load rebuilds it), so an attack does
+    not rebuild it at every step; one that trains rebuilds it at every call, and gradients
+    reach every weight.
     """
     tensors = [t for c, b in zip(convs, bns)
                for t in (c.weight, b.weight, b.bias, b.running_mean, b.running_var)]
     cache = None if any(t.requires_grad for t in tensors) else convs[0].__dict__.setdefault("_folded", {})
     key = tuple(id(t) for t in tensors)
     if cache is not None and key in cache:
-        saved, versions, folded = cache[key]  # `saved` holds the tensors: their ids stay theirs
-        if versions == tuple(t._version for t in tensors):
+        # `held` keeps the tensors and their storages alive: no id or address is reused
+        held, versions, folded = cache[key]
+        if (versions == tuple(t._version for t in tensors)
+                and all(h.data_ptr() == t.data_ptr() for h, t in zip(held[1], tensors))):
             return folded
     b = bns[0]
     scale = torch.cat([m.weight for m in bns]) * torch.rsqrt(torch.cat([m.running_var for m in bns]) + b.eps)
     bias = torch.cat([m.bias for m in bns]) - torch.cat([m.running_mean for m in bns]) * scale
     weight = torch.cat([c.weight for c in convs]) * scale.view(-1, 1, 1, 1)
     if cache is not None:
-        cache[key] = (tensors, tuple(t._version for t in tensors), (weight, bias))
+        held = (tensors, [t.detach() for t in tensors])
+        cache[key] = (held, tuple(t._version for t in tensors), (weight, bias))
     return weight, bias
 
 
