@@ -202,3 +202,21 @@ def test_the_audit_judges_square_by_autoattacks_own_square_without_a_second_run(
     mine = ev.evaluate(plain, x, y, cfg=dataclasses.replace(cfg, autoattack_n=6), seed=0, device=CPU,
                        progress=False)
     assert mine["audit"]["square_vs_whitebox"]["value"]["square_run"] == "audit" and calls
+
+
+@pytest.mark.slow  # AutoAttack standard twice where nothing falls: 4 min beside the slow tier
+def test_evaluation_writes_no_weight_gradient_and_restores_the_flags(root, plain):
+    """FAB calls `.backward()`: on trainable weights it computes and stores their gradients;
+    the evaluation freezes the weights around its attacks (models.frozen), then restores them."""
+    eps = 0.01  # small: examples survive APGD, so FAB runs
+    cfg = dataclasses.replace(CFG, n_examples=4, batch_size=4, autoattack_n=4, pgd_eps=eps,
+                              pgd_alpha=eps / 4, fgsm_eps=(eps,))
+    x, y = first_test_images(root, 4)
+    model = copy.deepcopy(plain)
+    flags = adaptive.autoattack(model, x, y, eps=eps, seed=0, square_queries=20)
+    assert flags["apgd-t"].any()  # FAB had examples to attack
+    assert any(p.grad is not None for p in model.parameters())  # what freezing prevents
+    model = copy.deepcopy(plain)
+    x_u8, y_all = load_split("digits", root, "test")
+    ev.evaluate(model, x_u8, y_all, cfg=cfg, seed=0, device=CPU, progress=False)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
