@@ -55,9 +55,13 @@ def _tiny(cfg):
 # ---------------------------------------------------------------- registry and settings
 
 
+# DWF's cost- and size-matched rows: set for the paper, run on request (docs/baselines.md)
+OPT_IN = {"pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params", "trades_matched_params"}
+
+
 def test_the_paper_trains_and_evaluates_every_registered_defense(params):
-    assert set(params.baselines) == set(DEFENSES)
-    assert set(DEFENSES) <= set(params.evaluate_models)
+    assert set(params.baselines) == set(DEFENSES) - OPT_IN
+    assert set(DEFENSES) - OPT_IN <= set(params.evaluate_models)
     for dataset in ("cifar10", "svhn"):
         for name in DEFENSES:
             cfg = params.profile(dataset).baselines.get(name)

@@ -205,6 +205,10 @@ def test_every_mixture_exposes_its_experts_and_gate_the_same_way(arch):
         for i in range(model.n_experts):
             assert torch.allclose(model.expert(i)(x), f[:, i], atol=1e-5)
         assert model.gate_weights(x).shape == (5, 2)
+        for i in range(model.n_experts):  # `route` with the decision forced to i is expert i
+            forced = model.route(x, lambda s, i=i: torch.nn.functional.one_hot(
+                torch.full((len(s),), i), s.shape[1]).to(s.dtype))
+            assert torch.allclose(forced, f[:, i], atol=1e-5)
     suite = strong_suite(EvalConfig(pgd_eps=0.2, pgd_alpha=0.05, strong_steps=1), model, {})
     assert {"strong/gate", "strong/expert_0", "strong/expert_1"} <= set(suite)
     assert not is_mixture(models.build("resnet18", **_kwargs("resnet18", (1, 8, 8))))

@@ -32,7 +32,8 @@ PAPER_ATTACKS = (["clean"] + [f"fgsm/{e / 100:g}" for e in range(1, 10)]
 def paper_records() -> dict[str, metricsfile.AttackRecord]:
     """The records of PAPER_ATTACKS, from the suites of the paper's evaluation settings."""
     cfg = load_params(Path(__file__).parents[1] / "params.yaml", "cifar10", []).profile("cifar10").evaluate
-    nine = SimpleNamespace(n_experts=9, expert=None, expert_logits=None, gate_weights=None)
+    nine = SimpleNamespace(n_experts=9, expert=None, expert_logits=None, gate_weights=None, route=None,
+                           hard_routing=False)
     suite = ev.protocol(cfg) | ev.strong_suite(cfg, nine, {"pretrained_benign": None})
     aa = adaptive.autoattack_records(eps=cfg.pgd_eps)
     records = {"clean": ev.CLEAN, **{k: r for e in suite.values() for k, r in e.records.items()},
@@ -198,7 +199,7 @@ def _runs(values: dict[str, list[float]]) -> dict:
 
 
 def test_paired_comparison_arithmetic_by_hand():
-    from dwf.report import paired
+    from dwf.verdict import paired
 
     t = paired([50.0, 52.0, 57.0], [10.0, 11.0, 13.0])  # differences 40, 41, 44: mean 41.6667
     sd = (((40 - 125 / 3) ** 2 + (41 - 125 / 3) ** 2 + (44 - 125 / 3) ** 2) / 2) ** 0.5

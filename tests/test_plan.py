@@ -167,9 +167,9 @@ def test_cli_prints_the_total_and_writes_json(tmp_path):
     r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
              "--json", str(out))
     assert r.exit_code == 0, r.output
-    assert "| **total** | 140 |" in r.stdout and "measured" in r.stdout
+    assert "| **total** | 170 |" in r.stdout and "measured" in r.stdout
     result = json.loads(out.read_text())
-    assert result["total"]["jobs"] == 5 * (9 + 1 + 8 + 10)
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 13)  # experts, joint, baselines, evaluations
     # a zoo row is priced from the measured ResNet-18 by the ratio of forward MACs
     zoo = {x["rate"]: x for x in result["rates"]}["train/fp32: resnet34 train"]
     assert not zoo["measured"] and zoo["source"].startswith("expert train")
@@ -189,3 +189,39 @@ def test_cli_refuses_to_write_its_json_over_an_input(tmp_path):
     params.write_bytes(STUDY.read_bytes())
     r = _dwf("plan", "--params", str(params), "--json", str(params))
     assert r.exit_code == 2 and params.read_bytes() == STUDY.read_bytes()
+
+
+# forward MACs counted by hand, layer by layer, for the digits study's networks (1x8x8, 10 classes):
+# width-8 ResNet-18: stem 64*8*9 = 4608; stage 1 four 8->8 convs on 8x8, 4 * 64*8*72 = 147456;
+# stages 2-4 each 131072 (first conv 18432, second 36864, 1x1 shortcut 2048, second block 73728);
+# linear 640. The mixture: nine of them plus the router 64-1024-512-128-9 (656512).
+RESNET18_W8 = 4608 + 147456 + 3 * 131072 + 640
+MIXTURE_W8 = 9 * RESNET18_W8 + 64 * 1024 + 1024 * 512 + 512 * 128 + 128 * 9
+
+
+def test_training_cost_matches_a_hand_count():
+    params = load_params(STUDY, "digits")
+    prof = params.profile("digits")
+    steps = 22 * 64  # 1437 training digits in batches of 64: the last partial batch dropped
+    # PGD-AT, 10 epochs: an SGD step (3 forwards) + PGD-3 (2 forwards a step) on half the batch
+    pgd_at = 10 * steps * (3 + 2 * 3 * 0.5) * RESNET18_W8
+    # DWF: experts 10 epochs (benign 3; FGSM 3 + 2; PGD-k, mean k 3: 3 + 6), then 4 joint
+    # epochs through the mixture: FGSM + PGD-k (2 x (1 + 3)) and SGD on three views (3 x 3)
+    experts = 10 * steps * (3 + 4 * (3 + 2) + 4 * (3 + 6)) * RESNET18_W8
+    joint = 4 * steps * (2 * (1 + 3) + 3 * 3) * MIXTURE_W8
+    for model, macs in (("resnet18_pgd_at", pgd_at), ("dwf", experts + joint),
+                        ("experts/pgd_0", 10 * steps * 9 * RESNET18_W8)):
+        assert plan.training_cost(params, "digits", prof, model)["train_tmacs"] == round(macs / 1e12, 6)
+
+
+def test_the_studys_matched_rows_are_matched_and_never_above_dwf():
+    params = load_params(STUDY, "digits")
+    prof = params.profile("digits")
+    dwf = plan.training_cost(params, "digits", prof, "dwf")["train_tmacs"]
+    for row in ("pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params",
+                "trades_matched_params"):
+        cost = plan.training_cost(params, "digits", prof, row)["train_tmacs"]
+        assert 0.9 * dwf <= cost <= dwf, row
+    wide = plan.network_macs(8, (1, 8, 8), 9, baselines={"pgd_at_matched_params": prof.baselines.get(
+        "pgd_at_matched_params")})
+    assert wide["pgd_at_matched_params"] > 10 * wide["expert"]  # priced as its own, wider network

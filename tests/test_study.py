@@ -38,7 +38,8 @@ def test_study_params_are_the_full_study():
     ev = p.profile("digits").evaluate
     assert p.datasets == ("digits",) and p.runs == (0, 1, 2, 3, 4)
     assert set(p.baselines) == {"resnet18", "resnet18_fgsm_at", "resnet18_pgd_at", "trades", "soe", "advmoe",
-                                "resnet34", "resnet50"}  # the two cheapest zoo rows (docs/baselines.md)
+                                "resnet34", "resnet50",  # the two cheapest zoo rows (docs/baselines.md)
+                                "pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params"}
     assert set(p.evaluate_models) == {"dwf", "experts/benign", *p.baselines}
     assert ev.n_examples == 0 and ev.autoattack and ev.autoattack_n == 0  # all 360 digits
     assert ev.autoattack_version == "standard" and ev.square_queries == 5000

@@ -5,12 +5,14 @@ evaluation and not training (dvc.yaml). Same contracts as dwf.attacks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 from torch import nn
 
-from dwf.attacks import _check_budget, _pgd_run, cross_entropy, margin, worst_of
+from dwf.attacks import (LOSSES, _Best, _check_budget, _input_grad, _pgd_run, _pgd_start,
+                         attack_score, cross_entropy, margin, project, worst_of)
 from dwf.metricsfile import AttackRecord
 
 # ---------------------------------------------------------------- attacks aimed at a mixture
@@ -64,19 +66,88 @@ def gate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
                 steps: int, restarts: int = 1, seed: int | None = None) -> torch.Tensor:
     """Drive the gate toward the expert weakest on each input while attacking that expert.
 
-    Maximizes log w_k(x) + CE(f_k(x), y) with k = `weakest_expert(x)`: the first term moves the
-    gate's weight onto expert k, the second makes expert k err, so the mixture follows it.
-    Needs `model.gate_weights` (N, E) and `model.expert_logits` (N, E, C).
+    Maximizes log softmax(s(x))_k + CE(f_k(x), y) with k = `weakest_expert(x)` and s the
+    routing scores: the first term moves the routing toward expert k (for DWF it is log w_k;
+    for a hard router it is the relaxed decision, whose gradient is not zero), the second makes
+    expert k err, so the mixture follows it. One pass of `model.route` with the route forced
+    to k gives both.
     """
     k = weakest_expert(model, x, y)  # (N,)
     rows = torch.arange(len(k), device=k.device)
+    forced = nn.functional.one_hot(k, model.n_experts)
 
     def objective(x_adv: torch.Tensor, y_: torch.Tensor) -> torch.Tensor:
-        log_w = model.gate_weights(x_adv)[rows, k].clamp_min(1e-30).log()  # (N,)
-        return log_w + cross_entropy(model.expert_logits(x_adv)[rows, k], y_)  # f_k: (N, C)
+        scores = []
+
+        def to_k(s: torch.Tensor) -> torch.Tensor:
+            scores.append(s)
+            return forced.to(s.dtype)
+
+        f_k = model.route(x_adv, to_k)  # expert k's logits, (N, C)
+        return scores[0].log_softmax(1)[rows, k] + cross_entropy(f_k, y_)
 
     return pgd_objective(model, x, y, objective, eps=eps, alpha=alpha, steps=steps,
                          restarts=restarts, seed=seed)
+
+
+class Relaxed(nn.Module):
+    """A mixture with its routing decision replaced by softmax(scores / temperature): the
+    differentiable surrogate of a hard router (BPDA, Athalye et al. 2018), through the mixture
+    interface's `route`. As the temperature falls it tends to the hard choice in value."""
+
+    def __init__(self, mixture: nn.Module, temperature: float):
+        super().__init__()
+        self.mixture, self.temperature = mixture, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixture.route(x, lambda s: torch.softmax(s / self.temperature, dim=1))
+
+
+def _phases(steps: int, temperatures: Sequence[float]) -> list[float]:
+    """The temperature of each of `steps` iterations: equal shares, the remainder last (fewer
+    steps than temperatures: all at the last, the one closest to the hard choice)."""
+    share = steps // len(temperatures)
+    out = [t for t in temperatures[:-1] for _ in range(share)]
+    return out + [temperatures[-1]] * (steps - len(out))
+
+
+def relaxed_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
+                steps: int, temperatures: Sequence[float] = (1.0, 0.1, 0.02), loss: str = "ce",
+                restarts: int = 1, seed: int | None = None) -> torch.Tensor:
+    """PGD on the router-relaxed surrogate (`Relaxed`), judged on the real model.
+
+    Each restart starts uniformly in the ball (seed + r) and anneals the temperature through
+    `temperatures` in equal shares of `steps`. Every iterate is scored on `model` itself: per
+    example the best one over all iterates and restarts is kept (one that `model` misclassifies,
+    else the largest margin), and an example leaves the batch once `model` errs on it.
+
+    Args:
+        model: a mixture with `route` (models.is_mixture); a hard router's attack surface.
+        loss: name in attacks.LOSSES, ascended on the surrogate's logits.
+        eps, alpha, steps, restarts, seed: as in attacks.pgd.
+    Returns:
+        adversarial images, detached.
+    """
+    _check_budget(eps, alpha)
+    if steps < 1 or restarts < 1 or not temperatures or not all(t > 0 for t in temperatures):
+        raise ValueError(f"need steps >= 1, restarts >= 1 and temperatures > 0, got {steps}, "
+                         f"{restarts}, {list(temperatures)}")
+    loss_fn, schedule = LOSSES[loss], _phases(steps, temperatures)
+    best = _Best()
+    best.update(x, *attack_score(model, x, y, "margin"))
+    for r in range(restarts):
+        gen = None if seed is None else torch.Generator().manual_seed(seed + r)
+        active = (~best.wrong).nonzero().squeeze(1)  # examples no iterate has fooled yet
+        x_adv = _pgd_start(x[active], eps, True, gen)
+        for t in schedule:
+            if len(active) == 0:
+                return best.x.detach()
+            grad, _ = _input_grad(Relaxed(model, t), x_adv, y[active], loss_fn)
+            x_adv = project(x_adv + alpha * grad.sign(), x[active], eps)
+            wrong, score = attack_score(model, x_adv, y[active], "margin")
+            best.update(x_adv, wrong, score, active)
+            active, x_adv = active[~wrong], x_adv[~wrong]
+    return best.x.detach()
 
 
 # ---------------------------------------------------------------- AutoAttack (pyautoattack)

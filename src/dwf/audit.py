@@ -404,6 +404,20 @@ def worst_case_check(metrics: dict[str, Any], flags: dict[str, torch.Tensor]) ->
                    "n_attacks": len(flags)})
 
 
+def relaxation_check(plain: torch.Tensor, relaxed: torch.Tensor) -> Check:
+    """A hard-routed mixture's plain white-box attacks (through the deployed model) against the
+    attacks through its relaxed router: if the relaxation fools more than the noise beyond them,
+    the plain gradients were blind at the router (obfuscated routing), and a robust accuracy that
+    gradient attacks alone measured on this model is not to be trusted.
+
+    Args:
+        plain, relaxed: per-example correctness (bool, same examples) after each set of attacks.
+    """
+    base, both = accuracy(plain), accuracy(plain & relaxed)
+    gap = round(base - both, 4)
+    return _check(gap <= _noise(len(plain)), {"plain_whitebox": base, "with_relaxed": both, "gap": gap})
+
+
 MODEL_CHECKS = ("gradients_nonzero", "deterministic", "outputs_are_logits",
                 "attack_finds_known_adversarial", "attack_finds_binarized_adversarial")
 

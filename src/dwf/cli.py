@@ -316,6 +316,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
     from dwf.defenses.external import load_external
     from dwf.evaluate import evaluate as run_protocol
     from dwf.metricsfile import details_path, split
+    from dwf.plan import training_cost
     from dwf.runtime import derive_seed
     from dwf.workers import count
 
@@ -346,8 +347,13 @@ def evaluate(model_name: Annotated[str, typer.Option(
                            device=dev, progress=not quiet, state=state, workers=count(dev, workers),
                            sources={k: load_model(f, dev, dataset=dataset) for k, f in sources.items()})
     metrics["checkpoint"] = str(checkpoint)
+    metrics["params_m"] = round(sum(t.numel() for t in model.parameters()) / 1e6, 4)
     if external:
         metrics["external"] = external
+    else:  # what training this system took, counted from params (checked by tests/test_plan.py)
+        cost = training_cost(p, dataset, prof, model_name)
+        metrics["train_tmacs"] = cost["train_tmacs"]
+        metrics["training"] = {"passes": cost["train_passes"], "counted_by": "dwf.plan.training_cost"}
     headline, details = split(metrics)
     _write_json(details_path(out), details)  # first: a headline file always has its details
     _write_json(out, headline)
@@ -469,9 +475,9 @@ def forensics(undefended: Annotated[str, typer.Option(
 def aggregate(params: ParamsOpt = Path("params.yaml"),
               summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
-    """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper.
-    The reports folder and the summary are replaced together or not at all (report.publish)."""
-    from dwf import paths
+    """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper,
+    and the verdict against systems of DWF's training cost and size. The reports folder and the summary are replaced together or not at all (report.publish)."""
+    from dwf import paths, verdict
     from dwf.config import load_params
     from dwf.metricsfile import details_path
     from dwf.report import aggregate as collect, all_runs, attack_records, load_runs, publish
@@ -486,7 +492,9 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
     publish(result, per_run, reports, summary, {d: _section(f) for d, f in found.items() if f.is_file()})
     records = attack_records(all_runs(per_run))
     typer.echo(render(result, "table2", records) + "\n" + render(result, "table3", records))
-    typer.echo(f"wrote {summary} and {reports}/")
+    for d, models in per_run.items():  # the verdict last, where the eye lands
+        typer.echo("\n".join(f"{d}: {s}" for s in verdict.sentences(models)))
+    typer.echo(f"wrote {summary} and {reports}/ (the verdict: {reports}/verdict.md)")
 
 
 def _section(path: Path) -> str:

@@ -81,7 +81,8 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
     """Attacks aimed at the mixture, at pgd_eps with strong_steps x strong_restarts.
 
     Margin-type losses (no softmax saturation); for a mixture, PGD on each expert's own loss and
-    the gate attack; transfer: PGD on each source model, replayed on the evaluated one.
+    the gate attack, and for a hard-routed one PGD through its relaxed router (CE and margin,
+    cfg.relax_temperatures annealed), judged on the real model; transfer: PGD on each source model, replayed on the evaluated one.
     Attacks on the whole model keep their best iterate; those on another model (an expert, a
     source) keep the last one, since "best" there would be judged by the wrong classifier.
     """
@@ -99,6 +100,15 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
     if is_mixture(model):
         suite.update([_one("strong/gate", record("gate", "gate", "gate"),
                            lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s))])
+    if is_mixture(model) and model.hard_routing:  # a soft gate's relaxation is the model itself
+        relax = {**kw, "restarts": cfg.relax_restarts}
+        suite.update(_one(f"strong/relaxed_{loss}",
+                          AttackRecord("strong", loss, cfg.pgd_eps, cfg.strong_steps, cfg.relax_restarts,
+                                       "relaxed_router", f"relaxed {loss.upper()}"),
+                          lambda m, x, y, s, loss=loss: adaptive.relaxed_pgd(
+                              m, x, y, **relax, temperatures=cfg.relax_temperatures, loss=loss, seed=s))
+                     for loss in ("ce", "margin"))
+    if is_mixture(model):
         suite.update(_one(f"strong/expert_{i}", record("ce", f"expert_{i}", f"expert {i}"),
                           lambda m, x, y, s, i=i: attacks.pgd(m.expert(i), x, y, **kw, seed=s))
                      for i in range(model.n_experts))
@@ -439,6 +449,11 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
                               square_done=done_sq, **kw)
         metrics["audit"] = {**checks,
                             "worst_case_reported": audit.worst_case_check(metrics, threat)}
+        relaxed = [k for k in threat if records[k].target == "relaxed_router"]
+        if relaxed:
+            plain = [k for k in threat if records[k].target == "model" and k not in square]
+            metrics["audit"]["routing_not_obfuscated"] = audit.relaxation_check(
+                worst_case({k: threat[k] for k in plain}), worst_case({k: threat[k] for k in relaxed}))
     worst = worst_case(threat)
     metrics["per_example"] = {"worst_case_correct": "".join("1" if v else "0" for v in worst.tolist())}
     metrics["settings"] = {**dataclasses.asdict(cfg), "seed": seed, "transfer_sources": sorted(sources or {})}

@@ -2,7 +2,7 @@
 
 `<model>.json`, the file dvc.yaml declares as metrics, is flat and holds numbers only, so that
 `dvc metrics show` and `dvc exp show` fit a screen: the examples evaluated, clean accuracy, the
-worst case of each attack family (an example counts as robust only if every attack of the
+system's parameters and training cost (COST), the worst case of each attack family (an example counts as robust only if every attack of the
 family within the threat model failed on it), the worst case over every attack, and how many
 audit checks failed. `<model>.details.json` beside it holds the rest: each attack's accuracy
 (the report's Tables 2-3), the audit, gate weights, the per-example worst case, settings,
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 HEADLINE = ("n_examples", "clean", "worst_case")  # in the headline file only, never repeated
+# headline only, where known (not for a public checkpoint's training): the system's parameters in
+# millions and its whole training's multiply-accumulates in tera-MACs (dwf.plan.training_cost)
+COST = ("params_m", "train_tmacs")
 FAMILIES = "worst_by_family"  # metrics key: {family: worst-case accuracy}, flat in the headline
 AUDIT_FAILED = "audit_failed"  # headline only: derived from the details' audit
 ATTACKS = "attacks"  # details only: {attack name: AttackRecord as a dict}
@@ -70,16 +73,17 @@ def split(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """(headline, details) of a metrics dict: numbers only, flat; and everything else."""
     headline = {k: metrics[k] for k in HEADLINE[:2]} | metrics.get(FAMILIES, {})
     headline["worst_case"] = metrics["worst_case"]
+    headline |= {k: metrics[k] for k in COST if k in metrics}
     if "audit" in metrics:
         headline[AUDIT_FAILED] = sum(not c["pass"] for c in metrics["audit"].values())
-    details = {k: v for k, v in metrics.items() if k not in (*HEADLINE, FAMILIES)}
+    details = {k: v for k, v in metrics.items() if k not in (*HEADLINE, *COST, FAMILIES)}
     return headline, details
 
 
 def join(headline: dict[str, float], details: dict[str, Any]) -> dict[str, Any]:
     """The metrics dict back from its two files (the inverse of `split`)."""
-    families = {k: v for k, v in headline.items() if k not in (*HEADLINE, AUDIT_FAILED)}
-    return {**details, **{k: headline[k] for k in HEADLINE}, FAMILIES: families}
+    families = {k: v for k, v in headline.items() if k not in (*HEADLINE, *COST, AUDIT_FAILED)}
+    return {**details, **{k: headline[k] for k in (*HEADLINE, *COST) if k in headline}, FAMILIES: families}
 
 
 def read(path: Path) -> dict[str, Any]:

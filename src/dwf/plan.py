@@ -61,11 +61,12 @@ class Assumptions:
 
 
 def network(model: str) -> str:
-    """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18:
-    an expert or a single-network baseline), else the baseline's own name (soe, advmoe, vgg19)."""
+    """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18 at
+    the profile's width: an expert or a single-network baseline), else the baseline's own name
+    (soe, advmoe, vgg19, a ResNet-18 at a width of its own)."""
     if model == "dwf":
         return "mixture"
-    if model in DEFENSES and DEFENSES[model].arch != "resnet18":
+    if model in DEFENSES and (DEFENSES[model].arch != "resnet18" or DEFENSES[model].arch_settings):
         return model
     return "expert"
 
@@ -164,30 +165,32 @@ def protocol(cfg: Any, net: str, n: int, robust: float) -> Counts:
 @dataclasses.dataclass(frozen=True)
 class Mixture:
     """How an evaluated mixture runs in the strong suite (evaluate.strong_suite): its members'
-    network, one `expert_logits` forward, one iteration of the gate attack's objective."""
+    network, one `expert_logits` forward, one iteration of the gate attack's objective (one
+    `route` pass with the route forced), and whether its routing is hard (then it also gets the
+    relaxed-router PGD, CE and margin: one `route` pass with input gradient per iteration)."""
 
     member: str
     logits: Callable[[str, int], Counts]     # (network, members) -> passes
     objective: Callable[[str, int], Counts]
+    hard: bool = False
 
 
 MIXTURES = {
     "mixture": Mixture("expert", lambda net, m: _passes(net, forward=1),
                        lambda net, m: _passes(net, attack=1)),
-    # SoE's gate_weights runs every sub-model again (a second forward in the objective)
     "soe": Mixture("expert", lambda net, m: _passes(net, forward=1),
-                   lambda net, m: _passes(net, attack=1, forward=1)),
-    # ADVMoE's expert_logits routes the batch through each of its m experts in turn
+                   lambda net, m: _passes(net, attack=1), hard=True),
+    # ADVMoE's expert_logits routes the batch through each of its m experts in turn; `route`
+    # computes every expert's filters in each MoE layer (MoEConv2d), whatever the gate
     "advmoe": Mixture("advmoe_expert", lambda net, m: _passes("advmoe_expert", forward=m),
-                      lambda net, m: _passes("advmoe_expert", attack=m)
-                      + _passes("advmoe_router", attack=1)),
+                      lambda net, m: _passes(net, attack=1), hard=True),
 }
 
 
 def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: float) -> Counts:
     """The strong suite on n examples: DLR and margin PGD (keep_best: their steps after the
-    first on the `robust` share, pgd_cost); for a mixture the gate attack and PGD on each member;
-    PGD on each transfer source (an expert). The last three take every step on every example
+    first on the `robust` share, pgd_cost); for a mixture the gate attack and PGD on each member,
+    for a hard-routed one the relaxed-router PGD (priced like keep_best); PGD on each transfer source (an expert). The last three take every step on every example
     (the last iterate). Each ends with a check on the model."""
     k, r = cfg.strong_steps, cfg.strong_restarts
     a, f = pgd_cost(k, r, robust=robust)
@@ -202,6 +205,9 @@ def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: flo
         per += mix.logits(net, members) + _scaled(mix.objective(net, members), k * r)
         per += _passes(net, forward=pgd_cost(k, r, keep_best=False, ranked=True)[1])
         per += _scaled(other(mix.member), members)
+        if mix.hard:  # relaxed_pgd, CE and margin: a check on the model after every iteration
+            a_rel, _ = pgd_cost(k, cfg.relax_restarts, robust=robust)
+            per += _passes(net, attack=2 * a_rel, forward=2 * (a_rel + 1))
     per += _scaled(other("expert"), sources)
     return _scaled(per, n)
 
@@ -391,6 +397,40 @@ def _members(model: str, params: Params, prof: Profile) -> int:
         return len(params.experts)
     counts = {"soe": "n_submodels", "advmoe": "n_experts"}  # their settings' member count
     return getattr(prof.baselines.get(model), counts[model]) if model in counts else 0
+
+
+def system_training(params: Params, dataset: str, prof: Profile, model: str) -> Counts:
+    """Passes of the whole training of an evaluated system on `dataset`: DWF's is its experts'
+    pretraining plus the joint phase; an expert's (experts/<name>) or a baseline's, its job."""
+    n = SPLIT_SIZES[dataset][0]
+    if model == "dwf":
+        return sum((expert_training(expert_kind(e), prof.expert, n) for e in params.experts),
+                   joint_training(prof.joint, n))
+    if model.startswith("experts/"):
+        return expert_training(expert_kind(model.split("/", 1)[1]), prof.expert, n)
+    return baseline_training(model, prof.baselines.get(model), n)
+
+
+# forward-pass equivalents of a pass (the bench's FLOP convention): an SGD step is a forward
+# and a backward through activations and weights (about two forwards)
+FORWARDS = {"train": 3.0, "attack": FORWARDS_PER_ATTACK, "forward": 1.0}
+
+
+def training_cost(params: Params, dataset: str, prof: Profile, model: str) -> dict[str, float]:
+    """Multiply-accumulates of `model`'s whole training (every attack step and, for DWF, its
+    experts' pretraining), counted from params as `dwf plan` counts them.
+
+    Returns:
+        {"train_tmacs": tera-MACs, "train_passes": {"<network> <pass>": passes}}.
+    """
+    counts = system_training(params, dataset, prof, model)
+    nets = {net for net, _ in counts}
+    macs = network_macs(prof.width, SHAPE[dataset], len(params.experts), classes=NUM_CLASSES[dataset],
+                        router_hidden=prof.router_hidden,
+                        baselines={b: prof.baselines.get(b) for b in nets if b in DEFENSES})
+    total = sum(n * FORWARDS[kind] * macs[net] for (net, kind), n in counts.items())
+    return {"train_tmacs": round(total / 1e12, 6),
+            "train_passes": {f"{net} {kind}": n for (net, kind), n in sorted(counts.items())}}
 
 
 def training_jobs(params: Params, dataset: str, prof: Profile) -> list[tuple[str, str, Counts]]:

@@ -3,7 +3,8 @@
 Reads the per-run metrics files the evaluate stage writes (headline and details, dwf.metricsfile)
 and produces: metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
 (RA-PGD), reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, reports/audit.md, and
-reports/statistics.md (95% intervals, DWF against every model paired by run), and
+reports/statistics.md (95% intervals, DWF against every model paired by run), reports/verdict.md
+and figures/cost_<dataset>.png (DWF against systems of its training cost and size, dwf.verdict), and
 reports/comparison.md, which sets our numbers beside the paper's printed ones
 (src/dwf/paper_values.yaml). `publish` writes them all or none.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from dwf import paths
+from dwf import paths, verdict
 from dwf.config.defenses import label
 from dwf.metricsfile import ATTACKS, Records
 from dwf.metricsfile import read as read_metrics
@@ -31,7 +32,7 @@ from dwf.metricsfile import records as records_of
 
 DATASET_LABELS = {"cifar10": "CIFAR-10", "svhn": "SVHN", "digits": "digits (CPU study)"}
 SKIP = {"n_examples", "per_example", "settings", "environment", "checkpoint", "gate_mean_weight",
-        "audit", "external", ATTACKS}
+        "audit", "external", "training", ATTACKS}
 
 
 def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -115,7 +116,23 @@ def audit_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 cells.append(f"{sum(seen)}/{len(seen)}" + ("" if all(seen) else " **fail**") if seen else "-")
             lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
         lines.append("")
+        for m, runs in models.items():  # the checks whose failure changes what a number means
+            for c, why in IN_WORDS.items():
+                failed = [r["audit"][c]["value"] for r in runs if not r.get("audit", {}).get(c, {"pass": True})["pass"]]
+                if failed:
+                    lines.append(f"- **{label(m)}**, {len(failed)} of {len(runs)} runs: {why(failed)}")
+        lines.append("")
     return "\n".join(lines)
+
+
+# what a failed check means, said in words under the audit table
+IN_WORDS: dict[str, Callable[[list[Any]], str]] = {
+    "routing_not_obfuscated": lambda values: (
+        "its hard router hides the gradient. Attacks through the relaxed router fooled "
+        f"{max(v['gap'] for v in values):.2f} points more than every plain white-box attack together "
+        "(the largest gap of these runs): robustness measured by plain gradient attacks alone is "
+        "over-reported for this model; its worst case here includes the relaxed attacks."),
+}
 
 
 def paper_values() -> dict[str, Any]:
@@ -124,23 +141,6 @@ def paper_values() -> dict[str, Any]:
 
 
 PAIRED = ("worst_case", "clean")   # the metrics DWF is compared on, run by run
-
-
-def paired(dwf: list[float], other: list[float]) -> dict[str, float]:
-    """DWF minus another model over the same runs (same seeds, same test images): mean
-    difference, the half-width of its 95% t-interval, and the paired t-test's two-sided p.
-
-    Runs pair up because run r of every model derives its seeds from (seed, r) and is evaluated
-    on the same examples; pairing removes what the runs share (e.g. the data split).
-    """
-    d = np.asarray(dwf, dtype=float) - np.asarray(other, dtype=float)
-    n = len(d)
-    if n < 2:
-        return {"diff": round(float(d.mean()), 4), "ci95": float("nan"), "p": float("nan"), "n": n}
-    std = float(d.std(ddof=1))
-    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
-    p = float(stats.ttest_rel(dwf, other).pvalue) if std > 0 else (0.0 if d.mean() else 1.0)
-    return {"diff": round(float(d.mean()), 4), "ci95": round(ci, 4), "p": round(p, 6), "n": n}
 
 
 def statistics_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
@@ -164,7 +164,7 @@ def statistics_table(per_run: dict[str, dict[str, list[dict[str, Any]]]]) -> str
                 if base is None or m == "dwf" or len(base) != len(runs):
                     cells += ["-", "-"]
                     continue
-                t = paired([r[k] for r in base], [r[k] for r in runs])
+                t = verdict.paired([r[k] for r in base], [r[k] for r in runs])
                 cells += ([f"{t['diff']:+.2f}", "-"] if t["n"] < 2 else
                           [f"{t['diff']:+.2f} ± {t['ci95']:.2f}", f"{t['p']:.3g}"])
             examples = sorted({int(r["n_examples"]) for r in runs})
@@ -385,6 +385,14 @@ def write_reports(summary: dict, out_dir: Path, per_run: dict,
     p = out_dir / "statistics.md"
     p.write_text(statistics_table(per_run))
     written.append(p)
+    p = out_dir / "verdict.md"
+    p.write_text(verdict.page(per_run, DATASET_LABELS))
+    written.append(p)
+    for d, models in per_run.items():
+        if verdict.sentences(models):
+            p = out_dir / "figures" / f"cost_{d}.png"
+            verdict.figure(summary[d], models, p, DATASET_LABELS.get(d, d))
+            written.append(p)
     p = out_dir / "comparison.md"
     p.write_text(comparison(summary, paper_values(), forensics))
     return written + [p]

@@ -10,10 +10,11 @@ from dwf.config.evaluate import AUTOATTACK_VERSIONS, EvalConfig
 from dwf.config.params import (DATASETS, NORMALIZATIONS, Params, Profile, expert_kind, load_params,
                                parse_params)
 from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoEConfig,
-                              AdvTrainConfig, SoEConfig, TradesConfig, TrainConfig, ZooConfig)
+                              AdvTrainConfig, SoEConfig, TradesConfig, TrainConfig,
+                              WideAdvTrainConfig, WideTradesConfig, ZooConfig)
 
 __all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
            "ConfigError", "DATASETS", "DEFENSES", "Defense", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
            "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig",
-           "TradesConfig", "TrainConfig", "ZooConfig", "arch_kwargs", "check_name", "expert_kind",
+           "TradesConfig", "TrainConfig", "WideAdvTrainConfig", "WideTradesConfig", "ZooConfig", "arch_kwargs", "check_name", "expert_kind",
            "load_params", "parse_params"]

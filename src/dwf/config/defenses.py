@@ -19,7 +19,7 @@ from typing import Any
 
 from dwf.config.base import ConfigError, choice
 from dwf.config.train import (ADVMoEConfig, AdvTrainConfig, SoEConfig, TradesConfig, TrainConfig,
-                              ZooConfig)
+                              WideAdvTrainConfig, WideTradesConfig, ZooConfig)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ DEFENSES: dict[str, Defense] = {
     "resnet18_fgsm_at": Defense("ResNet-18 (FGSM-AT)", AdvTrainConfig, "resnet18", "fgsm_at"),
     "resnet18_pgd_at": Defense("ResNet-18 (PGD-AT)", AdvTrainConfig, "resnet18", "pgd_at"),
     "trades": Defense("ResNet-18 (TRADES)", TradesConfig, "resnet18", "trades"),
+    # DWF's fair comparison (docs/baselines.md): the recipes above given DWF's training cost
+    # (more epochs) or its parameter count (a wider network); params set the epochs and width,
+    # the metrics record the cost and parameters each row really has
+    "pgd_at_matched_cost": Defense("PGD-AT at DWF's cost", AdvTrainConfig, "resnet18", "pgd_at"),
+    "trades_matched_cost": Defense("TRADES at DWF's cost", TradesConfig, "resnet18", "trades"),
+    "pgd_at_matched_params": Defense("PGD-AT at DWF's parameters", WideAdvTrainConfig, "resnet18",
+                                     "pgd_at", ("width",)),
+    "trades_matched_params": Defense("TRADES at DWF's parameters", WideTradesConfig, "resnet18",
+                                     "trades", ("width",)),
     "soe": Defense("SoE", SoEConfig, "soe", "soe", ("n_submodels",)),
     "advmoe": Defense("ADVMoE", ADVMoEConfig, "advmoe_resnet18", "advmoe",
                       ("n_experts", "ratio", "router_width", "router_blocks")),

@@ -17,6 +17,12 @@ ROUTER_OBJECTIVES = ("official", "paper")  # ADVMoE router step, docs/baselines.
 PRECISIONS = ("fp32", "bf16")  # training arithmetic; bf16 = autocast, docs/performance.md
 
 
+def _own_width(cfg) -> None:
+    """A row's own `width` (its network's first-stage channels): a positive, bounded integer."""
+    positive(cfg, "width")
+    at_most(cfg, MAX_WIDTH, "width")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training stage (Table 5): SGD with momentum, cosine annealing over all iterations."""
@@ -118,6 +124,28 @@ class ADVMoEConfig(TradesConfig):
 
 
 @dataclass(frozen=True)
+class WideAdvTrainConfig(AdvTrainConfig):
+    """PGD-AT of a ResNet-18 at a width of its own (a capacity-matched row), not the profile's."""
+
+    width: int = field(kw_only=True)  # required: the row exists to set it
+
+    def __post_init__(self):
+        super().__post_init__()
+        _own_width(self)
+
+
+@dataclass(frozen=True)
+class WideTradesConfig(TradesConfig):
+    """TRADES of a ResNet-18 at a width of its own (a capacity-matched row)."""
+
+    width: int = field(kw_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _own_width(self)
+
+
+@dataclass(frozen=True)
 class ZooConfig(TrainConfig):
     """Plain training of a network of models/zoo.py (the undefended rows of Tables 2-3).
 
@@ -129,5 +157,4 @@ class ZooConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        positive(self, "width")
-        at_most(self, MAX_WIDTH, "width")
+        _own_width(self)

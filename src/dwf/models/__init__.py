@@ -42,8 +42,11 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
 
 def is_mixture(model: nn.Module) -> bool:
     """A model with experts and a gate, through the one interface DWF, SoE and ADVMoE share:
-    `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`."""
-    return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights"))
+    `n_experts`, `expert(i)` (expert i as a classifier), `expert_logits`, `gate_weights`,
+    `route(x, gate)` (logits with the routing decision gate(scores) in place of its own) and
+    `hard_routing` (whether that decision has no useful gradient: argmax, top-1)."""
+    return all(hasattr(model, a) for a in ("n_experts", "expert", "expert_logits", "gate_weights",
+                                           "route", "hard_routing"))
 
 
 @contextmanager

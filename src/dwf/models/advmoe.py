@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dwf.models.moe import Gate
 from dwf.models.resnet import BasicBlock, Normalize, check_channels, head, stem
 
 
@@ -128,6 +129,13 @@ class ADVMoEResNet18(nn.Module):
             out = block(out, gate)
         return head(self.linear, out.mean(dim=(2, 3)))  # fp32 logits
 
+    hard_routing = True  # top-1: the attack sees only the straight-through estimate (relaxed)
+
+    def route(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+        """Logits (N, C) through the experts gate(router scores) weighs (the mixture interface:
+        attacks that replace the routing decision); straight_through_gate is `forward`."""
+        return self.routed(x, gate(self.router_scores(x)))
+
     def expert(self, i: int) -> nn.Module:
         """Every sample routed through expert i, as a classifier on [0, 1] images (the mixture
         interface, evaluate): the experts share the stem, the shortcuts and the head."""
@@ -140,7 +148,7 @@ class ADVMoEResNet18(nn.Module):
                             for e in range(self.n_experts)], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.routed(x, straight_through_gate(self.router_scores(x)))  # (N, C)
+        return self.route(x, straight_through_gate)  # (N, C)
 
 
 class ForcedRoute(nn.Module):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dwf.models import batched
 from dwf.models.resnet import Normalize, check_channels
+
+# A routing decision: the router's scores (N, E) -> the weights the experts are mixed with (N, E)
+Gate = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Router(nn.Module):
@@ -29,11 +32,15 @@ class Router(nn.Module):
         layers.append(nn.Linear(in_features, n_experts))
         self.scores = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's scores before the softmax, (N, E)."""
         # fp32 under bf16 autocast too: cheap, and its first layer on the image is a second
         # path of the attacks' input gradient (besides the experts' stems)
         with torch.autocast(x.device.type, enabled=False):
-            return torch.softmax(self.scores(x.float()), dim=-1)  # (N, E), rows sum to 1
+            return self.scores(x.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=-1)  # (N, E), rows sum to 1
 
 
 # Where the grouped-convolution path is faster than the expert loop, by device type
@@ -81,9 +88,18 @@ class SoftMoE(nn.Module):
         self.batched = batched.batchable(self.experts)  # plain attributes: not in checkpoints
         self.batching = BATCHING  # where to batch, by device (the shared default; bench overrides)
 
+    hard_routing = False  # w(x) is a softmax: gradient attacks already see through the gate
+
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights w(x), shape (N, E)."""
         return self.router(self.normalize(x))
+
+    def route(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+        """Logits (N, C) with weights gate(s) in place of softmax(s), s the router's scores
+        (the mixture interface: attacks that replace the routing decision)."""
+        w, f = gate(self.router.logits(self.normalize(x))), self.expert_logits(x)  # (N, E), (N, E, C)
+        with torch.autocast(x.device.type, enabled=False):  # mixing stays fp32 under bf16
+            return torch.einsum("ne,nec->nc", w, f)  # (N, C)
 
     def capture_key(self, x: torch.Tensor) -> bool:
         """What a CUDA graph of this model depends on beyond its storage: the path x takes."""
@@ -104,6 +120,4 @@ class SoftMoE(nn.Module):
         return torch.stack([f(x) for f in self.experts], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, f = self.gate_weights(x), self.expert_logits(x)  # (N, E), (N, E, C), both fp32
-        with torch.autocast(x.device.type, enabled=False):  # mixing stays fp32 under bf16
-            return torch.einsum("ne,nec->nc", w, f)  # (N, C)
+        return self.route(x, lambda s: torch.softmax(s, dim=-1))  # (N, C), eq. 1

@@ -4,7 +4,8 @@ Every sub-model i is a ResNet-18 with, besides its classifier z_i, a confidence 
 logit) on the same pooled features (the official code's "simple" head). Its *rectified
 confidence* is r_i = max_k softmax(z_i)_k * sigmoid(a_i); the sub-model with the highest r_i
 answers alone. The selection is hard (argmax, no gradient), so white-box gradients flow only
-through the answering sub-model: the gate-aware attacks of the evaluation should be used on it.
+through the answering sub-model: the evaluation attacks it through `route` with the argmax
+relaxed to a softmax of log r (dwf.adaptive.relaxed_pgd).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from dwf.models import resnet
+from dwf.models.moe import Gate
 from dwf.models.resnet import ResNet18
 
 
@@ -50,11 +52,23 @@ class SoE(nn.Module):
         return logits.softmax(-1).amax(-1) * torch.sigmoid(aux)
 
     @staticmethod
+    def mix(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i z_i, (N, C): a masked sum, not gather/indexing (deterministic backward on
+        CUDA)."""
+        return (w[:, :, None] * logits).sum(1)
+
+    @staticmethod
     def select(logits: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) of the sub-model with the highest rectified confidence."""
-        mask = nn.functional.one_hot(r.detach().argmax(1), logits.shape[1]).to(logits.dtype)
-        # a masked sum, not gather/indexing: its backward is deterministic on CUDA
-        return (mask[:, :, None] * logits).sum(1)
+        return SoE.mix(logits, nn.functional.one_hot(r.detach().argmax(1), logits.shape[1]).to(logits.dtype))
+
+    hard_routing = True  # the argmax has no gradient: attacks relax it (mixture interface)
+
+    def route(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+        """Logits (N, C) mixed by gate(log r) in place of the argmax of r (the mixture
+        interface: attacks that replace the routing decision)."""
+        logits, aux = self.outputs(x)
+        return self.mix(logits, gate(self.rectified_confidence(logits, aux).log()))  # log: monotone
 
     @property
     def n_experts(self) -> int:
