@@ -82,7 +82,8 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
 
     Margin-type losses (no softmax saturation); for a mixture, PGD on each expert's own loss and
     the gate attack, and for a hard-routed one PGD through its relaxed router (CE and margin,
-    cfg.relax_temperatures annealed), judged on the real model; transfer: PGD on each source model, replayed on the evaluated one.
+    cfg.relax_temperatures annealed), judged on the real model; transfer: PGD on each source
+    model, replayed on the evaluated one.
     Attacks on the whole model keep their best iterate; those on another model (an expert, a
     source) keep the last one, since "best" there would be judged by the wrong classifier.
     """
@@ -100,6 +101,9 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
     if is_mixture(model):
         suite.update([_one("strong/gate", record("gate", "gate", "gate"),
                            lambda m, x, y, s: adaptive.gate_attack(m, x, y, **kw, seed=s))])
+        suite.update(_one(f"strong/expert_{i}", record("ce", f"expert_{i}", f"expert {i}"),
+                          lambda m, x, y, s, i=i: attacks.pgd(m.expert(i), x, y, **kw, seed=s))
+                     for i in range(model.n_experts))
     if is_mixture(model) and model.hard_routing:  # a soft gate's relaxation is the model itself
         relax = {**kw, "restarts": cfg.relax_restarts}
         suite.update(_one(f"strong/relaxed_{loss}",
@@ -108,10 +112,6 @@ def strong_suite(cfg: EvalConfig, model: nn.Module, sources: dict[str, nn.Module
                           lambda m, x, y, s, loss=loss: adaptive.relaxed_pgd(
                               m, x, y, **relax, temperatures=cfg.relax_temperatures, loss=loss, seed=s))
                      for loss in ("ce", "margin"))
-    if is_mixture(model):
-        suite.update(_one(f"strong/expert_{i}", record("ce", f"expert_{i}", f"expert {i}"),
-                          lambda m, x, y, s, i=i: attacks.pgd(m.expert(i), x, y, **kw, seed=s))
-                     for i in range(model.n_experts))
     suite.update(_one(f"strong/transfer_{name}", record("ce", f"transfer:{name}", f"from {name}"),
                       lambda m, x, y, s, f=source: attacks.pgd(f, x, y, **kw, seed=s))
                  for name, source in sources.items())
