@@ -85,10 +85,16 @@ def study(tmp_path, monkeypatch, digits_root):
     return tmp_path
 
 
+# parameters (M) and training cost (TMAC) as dwf evaluate records them (cli.evaluate)
+COSTS = {"dwf": {"params_m": 2.2445, "train_tmacs": 0.986781},
+         "experts/benign": {"params_m": 0.1763, "train_tmacs": 0.02306}}
+
+
 def write_runs(seed: int) -> None:
     for r in (0, 1):
         for i, m in enumerate(MODELS):
-            write_metrics(paths.evaluation("digits", r, m), synthetic_metrics(100 * seed + 10 * r + i))
+            write_metrics(paths.evaluation("digits", r, m),
+                          synthetic_metrics(100 * seed + 10 * r + i) | COSTS[m])
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -140,10 +146,15 @@ def test_dvc_metrics_show_of_two_models_fits_200_columns(tmp_path):
 
 
 def test_aggregate_summary_holds_numbers_only(study):
-    _ok(dwf("aggregate", "--params", "params.yaml"))
+    r = _ok(dwf("aggregate", "--params", "params.yaml"))
     summary = json.loads((study / "metrics/summary.json").read_text())
     assert numbers_only(summary) and summary["digits"]["dwf"]["clean"]["n"] == 2
+    assert summary["digits"]["dwf"]["train_tmacs"]["mean"] == 0.9868  # cost travels as a metric (4 decimals)
     assert "fail" in (study / "reports/audit.md").read_text()  # the audit, from the details
+    verdict = (study / "reports/verdict.md").read_text()  # the verdict, printed last too
+    assert "Of DWF's size" in verdict and "ResNet-18 (benign expert)" in verdict
+    assert (study / "reports/figures/cost_digits.png").stat().st_size > 0
+    assert "digits: DWF:" in r.stdout
 
 
 def test_aggregate_failing_midway_leaves_old_outputs_whole(study, monkeypatch):
