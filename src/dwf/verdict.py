@@ -93,8 +93,13 @@ def sentences(models: PerRun, reference: str = "resnet18_pgd_at") -> list[str]:
     head = (f"DWF: {_mean(dwf, 'worst_case'):.2f}% worst-case robust accuracy over {len(dwf)} runs, "
             f"{params:.2f} M parameters, {cost:.3g} TMAC of training.")
     out = [head]
-    cheaper = lambda runs: _mean(runs, "train_tmacs") <= cost * MATCH  # noqa: E731
-    sized = lambda runs: cheaper(runs) and params * SIZE <= _mean(runs, "params_m") <= params * MATCH  # noqa: E731
+
+    def cheaper(runs: list[dict[str, Any]]) -> bool:
+        return _mean(runs, "train_tmacs") <= cost * MATCH
+
+    def sized(runs: list[dict[str, Any]]) -> bool:
+        return cheaper(runs) and params * SIZE <= _mean(runs, "params_m") <= params * MATCH
+
     for fits, why in ((cheaper, f"At no more than DWF's training cost (≤ {cost * MATCH:.3g} TMAC)"),
                       (sized, f"Of DWF's size ({params * SIZE:.3g}-{params * MATCH:.3g} M parameters) "
                               "at no more than its cost")):
