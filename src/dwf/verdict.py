@@ -105,7 +105,7 @@ def sentences(models: PerRun, reference: str = "resnet18_pgd_at") -> list[str]:
                               "at no more than its cost")):
         best = best_within(models, fits)
         out.append(_versus(models, best, f"{why}, the most robust system is") if best
-                   else f"{why}, no other system was evaluated.")
+                   else f"{why}, no system was evaluated.")
     if reference in models:
         out.append(_versus(models, reference, "The paper's comparison is with"))
     return out
