@@ -476,7 +476,8 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
               summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
     """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper,
-    and the verdict against systems of DWF's training cost and size. The reports folder and the summary are replaced together or not at all (report.publish)."""
+    and the verdict against systems of DWF's training cost and size. The reports folder and the
+    summary are replaced together or not at all (report.publish)."""
     from dwf import paths, verdict
     from dwf.config import load_params
     from dwf.metricsfile import details_path

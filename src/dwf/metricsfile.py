@@ -2,7 +2,8 @@
 
 `<model>.json`, the file dvc.yaml declares as metrics, is flat and holds numbers only, so that
 `dvc metrics show` and `dvc exp show` fit a screen: the examples evaluated, clean accuracy, the
-system's parameters and training cost (COST), the worst case of each attack family (an example counts as robust only if every attack of the
+system's parameters and training cost (COST), the worst case of each attack family (an example
+counts as robust only if every attack of the
 family within the threat model failed on it), the worst case over every attack, and how many
 audit checks failed. `<model>.details.json` beside it holds the rest: each attack's accuracy
 (the report's Tables 2-3), the audit, gate weights, the per-example worst case, settings,

@@ -16,5 +16,6 @@ from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoECon
 __all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
            "ConfigError", "DATASETS", "DEFENSES", "Defense", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
            "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig",
-           "TradesConfig", "TrainConfig", "WideAdvTrainConfig", "WideTradesConfig", "ZooConfig", "arch_kwargs", "check_name", "expert_kind",
+           "TradesConfig", "TrainConfig", "WideAdvTrainConfig", "WideTradesConfig", "ZooConfig",
+           "arch_kwargs", "check_name", "expert_kind",
            "load_params", "parse_params"]
