@@ -29,12 +29,14 @@ demo: install
 # (--set-threads evaluate=1: one worker each, so no core waits on an evaluation's last part;
 # DWF's start first, as soon as its training is done; docs/performance.md). `dvc repro` there
 # gives the same files (tests/test_pipeline.py).
-# Snakemake judges by file times, and a clone's committed metrics look newer than anything:
-# DVC (dvc.lock's hashes of code, params and data) says whether the study is current; if not,
-# it is rebuilt whole (`dvc repro` there reruns only the stale stages, one at a time).
+# DVC (dvc.lock's hashes of code, params and data) says what is stale; Snakemake judges by file
+# times, which a clone or `dvc pull` leaves in no particular order, so DVC's stale stages are
+# forced (scripts/dvc-stale.py) and Snakemake reruns them, what reads them and what is missing.
 study: install
 	cd $(STUDY) && if dvc status --quiet dvc.yaml; then echo "the study is up to date (dvc status)"; \
-		else snakemake -s ../../Snakefile --cores 2 --set-threads evaluate=1 --quiet rules --forceall \
+		else stale=$$(python ../../scripts/dvc-stale.py dvc.yaml) \
+		&& snakemake -s ../../Snakefile --cores 2 --set-threads evaluate=1 --quiet rules \
+			$${stale:+--forcerun $$stale} \
 		&& dvc commit -f dvc.yaml; fi && cat reports/table2.md reports/table3.md
 
 test: install

@@ -7,7 +7,9 @@
 # prompt). Snakemake judges by file times, which `dvc pull` leaves in no particular order: after
 # a pull, `snakemake --touch` once marks the restored files up to date (README).
 
+import re
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -22,6 +24,57 @@ _DIFFERS = sorted(k for k in config if k != "joint_gpus" and config[k] != _PARAM
 if _DIFFERS:
     sys.exit(f"error: --config {', '.join(map(str, _DIFFERS))}: the dwf commands read params.yaml; "
              "change it there (only joint_gpus may be set with --config)")
+
+
+# One truth about staleness (issue 24): each rule depends on what the DVC stage of its name
+# declares in dvc.yaml, read from there (one source). Its code: every file DVC hashes (a folder
+# stands for the files in it). Its params: their values are written to a small file per job
+# kind under .dwf/snakemake/, rewritten only when a value changes, so a changed value makes
+# that file newer than the outputs. Snakemake's file times then plan exactly the jobs whose
+# DVC stage `dvc status` calls stale, and what depends on them (as `dvc repro` reruns them).
+with open("dvc.yaml") as f:
+    _STAGES = yaml.safe_load(f)["stages"]
+
+
+def _stage(name):
+    return _STAGES[name].get("do", _STAGES[name])  # a foreach stage's body is under `do`
+
+
+def _item(text, item):
+    """dvc.yaml's ${item.NAME} (or a plain list's ${item}) with this job's wildcards."""
+    return re.sub(r"\$\{item(?:\.(\w+))?\}", lambda m: str(item[m.group(1) or "dataset"]), text)
+
+
+def code_files(stage):
+    """The source files DVC hashes for `stage`; data, checkpoints and the params marker are
+    the rules' other inputs."""
+    files = []
+    for dep in _stage(stage)["deps"]:
+        if "src/dwf" not in dep:
+            continue
+        path = Path(dep)
+        files += [dep] if not path.is_dir() else sorted(
+            str(p) for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return files
+
+
+def params_file(stage, *names):
+    """An input function: the file holding the values of `stage`'s DVC params for a job."""
+    def values_file(wildcards):
+        item = {n: wildcards[n] for n in names}
+        values = {}
+        for key in (_item(k, item) for k in _stage(stage).get("params", [])):
+            value = _PARAMS
+            for part in key.split("."):  # DVC's dotted keys: a section stands for all of it
+                value = value[part]
+            values[key] = value
+        path = Path(".dwf/snakemake", "-".join([stage, *item.values()]) + ".yaml")
+        text = yaml.safe_dump(values, sort_keys=True)
+        if not path.is_file() or path.read_text() != text:  # same values, same file time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return str(path)
+    return values_file
 
 
 # The image the README builds from ./Dockerfile; used with --software-deployment-method apptainer.
@@ -54,6 +107,9 @@ rule all:
 # reports/ are DVC outputs: each rule declares the file written last instead (the manifest
 # says a dataset is complete; reports/ is written before metrics/summary.json).
 rule download:
+    input:
+        code_files("download"),
+        params_file("download", "dataset"),
     output:
         "data/{dataset}/manifest.json",
     log:
@@ -65,6 +121,8 @@ rule download:
 rule expert:
     input:
         "data/{dataset}/manifest.json",
+        code_files("expert"),
+        params_file("expert", "dataset"),
     output:
         "models/{dataset}/run{run}/experts/{expert}.pt",
         "metrics/runs/{dataset}/run{run}/train/{expert}.json",
@@ -83,6 +141,8 @@ rule joint:
     input:
         "data/{dataset}/manifest.json",
         expand("models/{{dataset}}/run{{run}}/experts/{expert}.pt", expert=EXPERTS),
+        code_files("joint"),
+        params_file("joint", "dataset"),
     output:
         "models/{dataset}/run{run}/dwf.pt",
         "metrics/runs/{dataset}/run{run}/train/dwf.json",
@@ -101,6 +161,8 @@ rule joint:
 rule baseline:
     input:
         "data/{dataset}/manifest.json",
+        code_files("baseline"),
+        params_file("baseline", "dataset", "defense"),
     output:
         "models/{dataset}/run{run}/{defense}.pt",
         "metrics/runs/{dataset}/run{run}/train/{defense}.json",
@@ -119,6 +181,8 @@ rule evaluate:
         "models/{dataset}/run{run}/{model}.pt",
         # the mixture transfers attacks from its pretrained experts (as in dvc.yaml)
         expand("models/{{dataset}}/run{{run}}/experts/{expert}.pt", expert=EXPERTS),
+        code_files("evaluate"),
+        params_file("evaluate", "dataset"),
     output:
         "metrics/runs/{dataset}/run{run}/eval/{model}.json",
         "metrics/runs/{dataset}/run{run}/eval/{model}.details.json",
@@ -143,6 +207,8 @@ rule forensics:
         "data/{dataset}/manifest.json",
         "models/{dataset}/run{run}/dwf.pt",
         "models/{dataset}/run{run}/experts/benign.pt",
+        code_files("forensics"),
+        params_file("forensics", "dataset"),
     output:
         "metrics/forensics/{dataset}/run{run}.json",
     log:
@@ -162,6 +228,8 @@ rule aggregate:
             model=MODELS,
         ),
         expand("metrics/forensics/{dataset}/run{run}.json", dataset=DATASETS, run=RUNS[:1]),
+        code_files("aggregate"),
+        params_file("aggregate"),
     output:
         "metrics/summary.json",
     log:

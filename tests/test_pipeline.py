@@ -280,3 +280,88 @@ def test_interrupted_exp_run_retrains_nothing_that_finished(tmp_path):
         assert f"Running stage '{stage}'" not in again, again[-2000:]
     assert "Running stage 'joint@digits-0'" in again
     assert not list((repo / "models").rglob(".gitignore"))
+
+
+def snakemake_jobs(repo: Path, *args: str) -> set[str]:
+    """The jobs `snakemake -n` plans, named as DVC addresses the stages (rule@wildcards)."""
+    out = sh(repo, str(BIN / "snakemake"), "-n", *args).stdout
+    jobs, rule, wildcards = set(), None, {}
+    for line in out.splitlines() + ["rule end:"]:
+        start = re.match(r"(?:local)?rule (\w+):$", line)
+        if start:
+            if rule not in (None, "all"):
+                if rule == "forensics":  # one per dataset in DVC; Snakemake names the run
+                    wildcards.pop("run")
+                jobs.add(rule + ("@" + "-".join(wildcards.values()) if wildcards else ""))
+            rule, wildcards = start.group(1), {}
+        elif line.strip().startswith("wildcards:"):
+            wildcards = dict(kv.split("=", 1) for kv in line.split(":", 1)[1].strip().split(", "))
+    return jobs
+
+
+def dvc_stale(repo: Path) -> set[str]:
+    return set(json.loads(sh(repo, "dvc", "status", "--json", "dvc.yaml").stdout))
+
+
+def downstream(stages: dict[str, dict[str, list[str]]], stale: set[str]) -> set[str]:
+    """`stale` and every stage that reads what they write: what `dvc repro` reruns."""
+    def feeds(out: str, dep: str) -> bool:
+        return out == dep or out.startswith(dep + "/") or dep.startswith(out + "/")
+
+    closure, grown = set(stale), True
+    while grown:
+        outs = [o for s in closure for o in stages[s]["outs"]]
+        more = {name for name, s in stages.items() if name not in closure
+                and any(feeds(o, d) for o in outs for d in s["deps"])}
+        closure |= more
+        grown = bool(more)
+    return closure
+
+
+@pytest.mark.slow
+def test_snakemake_plans_what_dvc_calls_stale(tmp_path):
+    """Issue 24: a parameter or a source change makes `snakemake -n` plan the stages `dvc status`
+    calls stale and what reads their outputs (as `dvc repro` would rerun): one truth. Outputs are
+    placeholders recorded by `dvc commit`; both tools judge by hashes or times, not contents."""
+    repo = project_copy(tmp_path / "p", tiny_digits_params())
+    sh(repo, "git", "init", "-q")
+    stages = dvc_stages(repo)
+    for out in {o for s in stages.values() for o in s["outs"]}:
+        path = repo / out
+        folder = not path.suffix and path.name != "params-checked"  # data/digits, reports
+        (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+        (path / "manifest.json" if folder else path).write_text(out)
+
+    def built():  # as after `dvc pull` and `snakemake --touch` (README)
+        sh(repo, "dvc", "commit", "-f", "dvc.yaml")
+        sh(repo, str(BIN / "snakemake"), "--touch", "--cores", "1")
+        assert dvc_stale(repo) == set() and snakemake_jobs(repo) == set()
+
+    built()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["digits"]["baselines"]["resnet18"]["lr"] = 0.06
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = dvc_stale(repo)
+    assert stale == {"baseline@digits-0-resnet18", "baseline@digits-1-resnet18"}
+    assert snakemake_jobs(repo) == downstream(stages, stale) == stale | {
+        "evaluate@digits-0-resnet18", "evaluate@digits-1-resnet18", "aggregate"}
+
+    # make study's guard: after a touch, file times say nothing is stale; DVC's hashes still do
+    sh(repo, str(BIN / "snakemake"), "--touch", "--cores", "1")
+    assert snakemake_jobs(repo) == set()
+    forced = sh(repo, sys.executable, "scripts/dvc-stale.py", "dvc.yaml").stdout.split()
+    assert snakemake_jobs(repo, "--forcerun", *forced) == downstream(stages, stale)
+
+    built()
+    with open(repo / "src" / "dwf" / "evaluate.py", "a") as f:
+        f.write("# a comment is a change: DVC hashes the file\n")
+    stale = dvc_stale(repo)
+    assert {s.split("@")[0] for s in stale} == {"evaluate"} and len(stale) == 2 * 3
+    assert snakemake_jobs(repo) == downstream(stages, stale) == stale | {"aggregate"}
+
+    built()
+    with open(repo / "src" / "dwf" / "models" / "resnet.py", "a") as f:  # inside a folder dep
+        f.write("# a comment\n")
+    stale = dvc_stale(repo)
+    assert {s.split("@")[0] for s in stale} == {"expert", "joint", "baseline", "evaluate", "forensics"}
+    assert snakemake_jobs(repo) == downstream(stages, stale)
