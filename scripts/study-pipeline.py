@@ -6,7 +6,8 @@ stage in the folder of its dvc.yaml, so two things differ: where the package sou
 (`src/...` deps become `../../src/...`), and where its cached outputs are pushed: the DVC remote
 named after the study (.dvc/config: `digits`, a folder inside the repository, so a clone carries
 the study's checkpoints), set on each cached output as `remote: NAME`. The paper's pipeline
-keeps the default remote. tests/test_study.py fails when a study's copy is stale.
+keeps the default remote. A study declares its models' summary rows as its DVC metrics.
+tests/test_study.py fails when a study's copy is stale.
 
     python scripts/study-pipeline.py digits      # rewrite studies/digits/dvc.yaml
 """
@@ -36,11 +37,17 @@ def _outs_to_remote(text: str, remote: str) -> str:
     return "".join(lines)
 
 
+# A study is built and committed, so its models' rows are what `dvc metrics show` lists (from
+# the root too); the paper's pipeline declares no metrics, whose files exist only once built.
+METRICS = ("\nmetrics:\n  # a row a model: mean and std over runs (dwf.report.model_metrics)\n"
+           "  - metrics/models\n")
+
+
 def study_pipeline(root_text: str, name: str = "digits") -> str:
     """The root pipeline's text for studies/NAME: package-source paths made relative to the
-    study's folder, cached outputs pushed to the remote NAME."""
+    study's folder, cached outputs pushed to the remote NAME, the models' rows as metrics."""
     text = re.sub(r"(?m)^(\s+- )src/", r"\1../../src/", root_text)
-    return HEADER + _outs_to_remote(text, name)
+    return HEADER + _outs_to_remote(text, name) + METRICS
 
 
 def main(name: str) -> None:

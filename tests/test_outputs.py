@@ -98,7 +98,7 @@ def write_runs(seed: int) -> None:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    files = [root / "metrics/summary.json", *(root / "reports").rglob("*")]
+    files = [root / "metrics/summary.json", *(root / "reports").rglob("*"), *(root / "metrics/models").rglob("*")]
     return {str(f.relative_to(root)): f.read_bytes() for f in files if f.is_file()}
 
 
@@ -126,20 +126,48 @@ def test_family_worst_case_is_per_example_within_the_threat_model():
     assert fam == {"fgsm": pytest.approx(100 / 3, abs=1e-3), "pgd": pytest.approx(200 / 3, abs=1e-3)}
 
 
-def test_dvc_metrics_show_of_two_models_fits_200_columns(tmp_path):
-    """`dvc metrics show --md` of one dataset's two models in the paper's configuration."""
-    metrics = [str(paths.evaluation("cifar10", 0, m)) for m in ("experts/benign", "resnet18_pgd_at")]
-    for i, m in enumerate(metrics):  # the two longest model names, accuracies of 4 decimals
-        write_metrics(tmp_path / m, synthetic_metrics(i, n=7))
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"metrics": metrics}))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+def dvc_metrics(folder: Path, *args: str) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
-    subprocess.run([bin_dir / "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    shown = subprocess.run([bin_dir / "dvc", "metrics", "show", "--md"], cwd=tmp_path, check=True,
-                           capture_output=True, text=True).stdout
-    lines = shown.strip().splitlines()
-    assert len(lines) == 4 and "worst_case" in lines[0], shown
-    assert max(map(len, lines)) < 200, shown
+    return subprocess.run([bin_dir / "dvc", "metrics", *args], cwd=folder, check=True,
+                          capture_output=True, text=True)
+
+
+def test_dvc_metrics_show_is_a_row_a_model(study):
+    """Issue 24: `dvc metrics show --md` in a study: one row per model with mean and std over runs
+    (and n runs) of clean and worst-case accuracy, < 200 characters a line, no warning; `dvc
+    metrics diff` between two commits reads the same way."""
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    # the longest names of the paper's configuration, as a study's dvc.yaml declares the folder
+    summary = json.loads((study / "metrics/summary.json").read_text())
+    summary["cifar10"] = {m: summary["digits"]["dwf"] for m in ("trades_matched_params", "experts/benign")}
+    for name, row in report.model_metrics(summary).items():
+        path = study / "metrics/models" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row))
+    (study / "dvc.yaml").write_text(yaml.safe_dump({"metrics": ["metrics/models"]}))
+    subprocess.run(["git", "init", "-q"], cwd=study, check=True)
+    subprocess.run([Path(sys.executable).parent / "dvc", "init", "-q"], cwd=study, check=True)
+    shown = dvc_metrics(study, "show", "--md")
+    lines = shown.stdout.strip().splitlines()
+    assert len(lines) == 2 + 4 and not shown.stderr, shown  # header, rule, 2 + 2 models
+    assert max(map(len, lines)) < 200, shown.stdout
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["Path", "clean", "clean_std", "params_m", "runs", "train_tmacs",
+                      "worst_case", "worst_case_std"]
+    row = next(ln for ln in lines if ln.startswith("| metrics/models/digits/dwf.json"))
+    dwf_clean = summary["digits"]["dwf"]["clean"]
+    assert f"| {float(dwf_clean['mean'])!r} " in row and f"| {float(dwf_clean['std'])!r} " in row and "| 2 " in row
+
+    _ok(dwf("aggregate", "--params", "params.yaml"))  # the digits study alone, committed
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a"]):
+        subprocess.run(cmd, cwd=study, check=True)
+    _ok(dwf("aggregate", "--params", "params.yaml"))  # unchanged numbers: nothing to diff
+    assert len(dvc_metrics(study, "diff", "--md").stdout.strip().splitlines()) == 2  # header, rule
+    write_runs(1)
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    diff = dvc_metrics(study, "diff", "--md")
+    assert not diff.stderr and "metrics/models/digits/dwf.json" in diff.stdout
+    assert max(map(len, diff.stdout.splitlines())) < 200, diff.stdout
 
 
 # ---------------------------------------------------------------- aggregate: all or nothing
@@ -174,7 +202,7 @@ def test_aggregate_failing_midway_leaves_old_outputs_whole(study, monkeypatch):
     assert calls  # it failed part-way, after writing tables and one figure
     assert snapshot(study) == before
     assert sorted(p.name for p in study.iterdir()) == ["metrics", "params.yaml", "reports"]
-    assert sorted(p.name for p in (study / "metrics").iterdir()) == ["runs", "summary.json"]
+    assert sorted(p.name for p in (study / "metrics").iterdir()) == ["models", "runs", "summary.json"]
 
     monkeypatch.setattr(report, "figure", real)
     _ok(dwf("aggregate", "--params", "params.yaml"))

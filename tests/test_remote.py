@@ -114,7 +114,12 @@ def test_study_from_fresh_clones_pulls_compares_and_commits_snakemake_outputs(tm
     sh(second / STUDY, "dvc", "commit", "-f", "dvc.yaml", "--quiet")
     assert "up to date" in sh(second / STUDY, "dvc", "status", "dvc.yaml").stdout
     _git_commit(second, "evaluate 20 digits")
-    diff = json.loads(sh(second / STUDY, "dvc", "metrics", "diff", "HEAD~1", "--json").stdout)
+    # the study's declared metrics: a row a model; a run's headline numbers when named
+    rows = json.loads(sh(second / STUDY, "dvc", "metrics", "diff", "HEAD~1", "--json", "--all").stdout)
+    assert set(rows) == {f"metrics/models/digits/{m}.json" for m in ("dwf", "experts/benign", "resnet18")}
+    assert rows["metrics/models/digits/dwf.json"]["runs"] == {"old": 1, "new": 1, "diff": 0}
+    diff = json.loads(sh(second / STUDY, "dvc", "metrics", "diff", "HEAD~1", "--json",
+                         "--targets", "metrics/runs", "-R").stdout)
     dwf = diff["metrics/runs/digits/run0/eval/dwf.json"]  # paths from the study folder
     assert dwf["n_examples"] == {"old": 40, "new": 20, "diff": -20}
     assert all(isinstance(v["old"], (int, float)) and isinstance(v["new"], (int, float)) for v in dwf.values())

@@ -44,3 +44,23 @@ def test_study_params_are_the_full_study():
     assert ev.n_examples == 0 and ev.autoattack and ev.autoattack_n == 0  # all 360 digits
     assert ev.autoattack_version == "standard" and ev.square_queries == 5000
     assert (ev.ms_steps, ev.ms_restarts, ev.adaptive_steps) == (100, 3, 100)  # Table 4
+
+
+def test_an_experiment_changes_one_line_of_the_study_params(tmp_path):
+    """Issue 24: `dvc exp run -S seed=3` writes params.yaml back in its own style (block lists;
+    a comment between a list and the next key is lost): the study's file is already in it, so
+    the experiment's diff is the one value."""
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).parent / "dvc"
+    original = (STUDY / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo\n    params:\n      - seed\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "p"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([dvc, "exp", "run", "-q", "-S", "seed=3"], cwd=tmp_path, check=True, capture_output=True)
+    before, after = original.splitlines(), (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and changed == [("seed: 0", "seed: 3")], changed

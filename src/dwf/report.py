@@ -1,7 +1,8 @@
 """Aggregation over runs (mean, std, 95% interval) and the paper's tables and figures.
 
 Reads the per-run metrics files the evaluate stage writes (headline and details, dwf.metricsfile)
-and produces: metrics/summary.json, reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
+and produces: metrics/summary.json, metrics/models/<dataset>/<model>.json (a row a model for
+`dvc metrics show`), reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
 (RA-PGD), reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, reports/audit.md, and
 reports/statistics.md (95% intervals, DWF against every model paired by run), reports/verdict.md
 and figures/cost_<dataset>.png (DWF against systems of its training cost and size, dwf.verdict), and
@@ -301,19 +302,44 @@ def comparison(summary: dict, paper: dict, forensics: dict[str, str] | None = No
     return "\n".join(lines)
 
 
+# A model's row in `dvc metrics show`: what a reader compares first, narrow enough to diff
+MODEL_METRICS = ("clean", "worst_case", "params_m", "train_tmacs")
+
+
+def model_metrics(summary: dict) -> dict[str, dict[str, float]]:
+    """{"DATASET/MODEL": {clean, clean_std, worst_case, worst_case_std, runs, params_m,
+    train_tmacs}}: one small file per model, so `dvc metrics show` and `dvc metrics diff` give a
+    row a model (the summary JSON holds every number, too many for a table)."""
+    rows = {}
+    for d, models in summary.items():
+        for m, metrics in models.items():
+            row: dict[str, float] = {}
+            for key in (k for k in MODEL_METRICS if k in metrics):
+                row[key] = metrics[key]["mean"]
+                if key in ("clean", "worst_case"):
+                    row[f"{key}_std"] = metrics[key]["std"]
+                    row["runs"] = metrics[key]["n"]
+            rows[f"{d}/{m}"] = row
+    return rows
+
+
 def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path,
             forensics: dict[str, str] | None = None) -> None:
-    """The reports folder and the summary JSON from one snapshot, all or nothing.
+    """The reports folder, the summary JSON and the models' metrics folder beside it
+    (model_metrics) from one snapshot, all or nothing.
 
-    Everything is rendered into a temporary sibling of `reports` first; only then are the old
-    folder and the new one swapped by renames and the summary renamed into place, so a failure
-    part-way leaves the previous outputs whole.
+    Everything is rendered into temporary siblings first; only then are the old folders and
+    the new ones swapped by renames and the summary renamed into place, so a failure part-way
+    leaves the previous outputs whole.
     """
-    if reports.exists():
-        _check_replaceable(reports)
+    models = summary_path.parent / "models"
+    for folder, check in ((reports, _check_replaceable), (models, _check_models)):
+        if folder.exists():
+            check(folder)
     reports.parent.mkdir(parents=True, exist_ok=True)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{reports.name}.", dir=reports.parent))
+    staged_models = Path(tempfile.mkdtemp(prefix=f".{models.name}.", dir=models.parent))
     fd, staged_summary = tempfile.mkstemp(prefix=f".{summary_path.name}.", dir=summary_path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -321,11 +347,18 @@ def publish(summary: dict, per_run: dict, reports: Path, summary_path: Path,
             f.flush()
             os.fsync(f.fileno())
         os.chmod(staged_summary, 0o644)  # mkstemp makes 0600 (0700 for folders); outputs are
-        os.chmod(staged, 0o755)          # shared through DVC
+        for folder in (staged, staged_models):  # shared through DVC
+            os.chmod(folder, 0o755)
         write_reports(summary, staged, per_run, forensics)
-        _swap(staged, reports, lambda: os.replace(staged_summary, summary_path))
+        for name, row in model_metrics(summary).items():
+            path = staged_models / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=2) + "\n")
+        _swap(staged, reports, lambda: _swap(
+            staged_models, models, lambda: os.replace(staged_summary, summary_path)))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(staged_models, ignore_errors=True)
         Path(staged_summary).unlink(missing_ok=True)
 
 
@@ -361,6 +394,15 @@ def _check_replaceable(folder: Path) -> None:
         if not report:
             raise ValueError(f"{folder}: holds {rel}, which aggregate did not write; "
                              "--reports must name a folder of reports only")
+
+
+def _check_models(folder: Path) -> None:
+    """Refuse to replace a models' metrics folder holding anything but DATASET/MODEL.json files."""
+    for f in folder.rglob("*"):
+        rel = f.relative_to(folder)
+        if not (f.is_dir() or f.suffix == ".json" and len(rel.parts) >= 2):  # experts/benign
+            raise ValueError(f"{folder}: holds {rel}, which aggregate did not write; it writes "
+                             "the models' metrics beside the summary JSON")
 
 
 def write_reports(summary: dict, out_dir: Path, per_run: dict,
