@@ -30,13 +30,16 @@ demo: install
 # DWF's start first, as soon as its training is done; docs/performance.md). `dvc repro` there
 # gives the same files (tests/test_pipeline.py).
 # DVC (dvc.lock's hashes of code, params and data) says what is stale; Snakemake judges by file
-# times, which a clone or `dvc pull` leaves in no particular order, so DVC's stale stages are
-# forced (scripts/dvc-stale.py) and Snakemake reruns them, what reads them and what is missing.
+# times, which a clone, `dvc pull` or `dvc repro` leave in no particular order. So Snakemake first
+# writes its params files (-n), scripts/dvc-stale.py marks what DVC calls current as just made
+# and names what it calls stale, and Snakemake reruns those, what reads them and what is missing,
+# by file times alone (its records of earlier runs' inputs and code would overrule DVC).
 study: install
 	cd $(STUDY) && if dvc status --quiet dvc.yaml; then echo "the study is up to date (dvc status)"; \
-		else stale=$$(python ../../scripts/dvc-stale.py dvc.yaml) \
+		else snakemake -s ../../Snakefile -n --quiet all > /dev/null \
+		&& stale=$$(python ../../scripts/dvc-stale.py dvc.yaml) \
 		&& snakemake -s ../../Snakefile --cores 2 --set-threads evaluate=1 --quiet rules \
-			$${stale:+--forcerun $$stale} \
+			--rerun-triggers mtime $${stale:+--forcerun $$stale} \
 		&& dvc commit -f dvc.yaml; fi && cat reports/table2.md reports/table3.md
 
 test: install
