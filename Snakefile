@@ -5,7 +5,7 @@
 #   cd studies/digits && snakemake -s ../../Snakefile --cores 2   # a study: its folder, its params
 # Outputs land at the paths dvc.yaml declares; record them with `dvc commit -f dvc.yaml` (no
 # prompt). Snakemake judges by file times, which `dvc pull` leaves in no particular order: after
-# a pull, `snakemake --touch` once marks the restored files up to date (README).
+# a pull, `snakemake --touch` once marks the restored files up to date (docs/usage.md).
 
 import re
 import sys

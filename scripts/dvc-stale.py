@@ -23,7 +23,8 @@ from dvc.repo import Repo
 
 
 def stale_outputs(dvcfile: str) -> list[str]:
-    """One output of each stale stage (forcing one output forces its job): the stage's first,
+    """Mark the outputs of `dvcfile`'s current stages as just made, and return one output of
+    each stale stage (forcing one output forces its job): the stage's first,
     which names its job alone (a checkpoint, an evaluation's headline file; a training curve's
     name would match both an expert's and a baseline's rule). A missing output needs no force."""
     repo = Repo(".")
