@@ -236,3 +236,34 @@ rule aggregate:
         "logs/aggregate.log",
     shell:
         "dwf aggregate > {log:q} 2>&1"
+
+
+# A GPU request that no node of its SLURM partition can meet would wait in the queue forever
+# (issue 26): before anything is submitted, each partition that a job asking for a GPU names
+# must have GPU GRES in `sinfo`. (onstart runs after the job graph is built, not in dry runs.)
+def _refuse_gpus_the_cluster_lacks():
+    import subprocess
+
+    from snakemake.exceptions import WorkflowError
+
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    wanting = {}  # partition -> rules whose jobs ask for a GPU there
+    for job in workflow.dag.needrun_jobs():
+        if int(job.resources.get("gpu", 0) or 0) > 0:
+            partition = job.resources.get("slurm_partition") or ""
+            wanting.setdefault(partition, set()).add(job.rule.name)
+    for partition, rules in sorted(wanting.items()):
+        cmd = ["sinfo", "--noheader", "--format=%G"] + ([f"--partition={partition}"] if partition else [])
+        gres = subprocess.run(cmd, capture_output=True, text=True).stdout
+        if "gpu" not in gres:
+            where = f"partition {partition!r}" if partition else "this cluster"
+            raise WorkflowError(
+                f"rules {', '.join(sorted(rules))} ask for a GPU, and no node of {where} has one "
+                f"(sinfo GRES: {' '.join(gres.split()) or 'none'}); use a GPU partition, or set "
+                "their gpu resource to 0 in the profile (profiles/slurm-local)")
+
+
+onstart:
+    _refuse_gpus_the_cluster_lacks()

@@ -246,3 +246,38 @@ def test_module_entry_point(workdir, tiny_params):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_help_text_prints_as_written(name):
+    """`dwf NAME --help` shows the command's docstring and each option's help word for word:
+    nothing taken as console markup ("[clean, FGSM, PGD]" once vanished) or dropped."""
+    command = _commands()[name]
+    shown = _words(CliRunner().invoke(app, [name, "--help"], terminal_width=100).stdout)
+    assert _words(command.help) in shown
+    for param in command.params:
+        if getattr(param, "help", None):
+            assert _words(param.help) in shown, (param.name, param.help)
+
+
+def test_the_command_list_shows_each_summary_as_written():
+    """`dwf --help`: each command's line is the start of its docstring (click cuts a long one
+    with "..."), brackets and all."""
+    shown = CliRunner().invoke(app, ["--help"], terminal_width=100).stdout
+    listed = dict(line.split(None, 1) for line in shown.split("Commands:")[1].splitlines()
+                  if line.strip())
+    assert set(listed) == set(_commands())
+    for name, summary in listed.items():
+        start = _words(summary).removesuffix("...")
+        assert len(start) > 20 and _words(_commands()[name].help).startswith(start), (name, summary)
+    assert "[clean, FGSM, PGD]" in shown

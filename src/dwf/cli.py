@@ -17,7 +17,10 @@ import typer
 
 from dwf.config import DEFENSES  # the registry of baselines: --defense's choices
 
+# rich_markup_mode=None: help texts print as written (click's plain formatter); rich's markup
+# would eat "[clean, FGSM, PGD]" as a style tag (tests/test_cli.py renders every command's help)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Divided We Fall: soft-gated mixture of adversarially trained experts.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
@@ -576,8 +579,11 @@ def plan(params: ParamsOpt = Path("params.yaml"),
          set_: Annotated[Optional[list[str]], typer.Option(
              "--set", help="override a value of every dataset's section, e.g. expert.precision=bf16")] = None,
          rates: Annotated[Optional[Path], typer.Option(
-             help="rate table (default: the one in docs/bench/ for this device)")] = None,
-         device: DeviceOpt = None,
+             help="rate table (default: docs/bench/'s for --device, else for the configuration: "
+                  "the CPU's for digits, the H200's for the paper's datasets)")] = None,
+         device: Annotated[Optional[str], typer.Option(
+             "--device", help="price at this machine's rates: cpu or cuda (default: the "
+                              "configuration's device, whatever this machine has)")] = None,
          robust: Annotated[float, typer.Option(
              min=0.0, max=1.0, help="assumed share of examples an adversarially trained model "
                                     "keeps: what PGD's later steps and AutoAttack's later "
@@ -586,26 +592,28 @@ def plan(params: ParamsOpt = Path("params.yaml"),
     """Projected jobs and device-hours of the whole `dvc repro` (training and evaluation), per
     job kind and in total, from measured rates (docs/bench/); says which are extrapolated."""
     from dwf.config import load_params
-    from dwf.plan import Assumptions, load_rates, plan as project, table as render
+    from dwf.plan import Assumptions, load_rates, plan as project, reference_device, table as render
     from dwf.runtime import pick_device
 
     if json_out is not None:
         _refuse_overlap([json_out], [params, *([rates] if rates else [])])
     p = load_params(params)
     profiles = {d: load_params(params, d, set_ or []).profile(d) for d in p.datasets}
-    if rates is None:
+    if rates is not None:
+        rates_path, table = load_rates(rates, "")
+    elif device is None:  # the configuration's own device: the paper's is priced on a GPU
+        rates_path, table = load_rates(None, reference_device(p.datasets))
+    else:
         import torch
 
         dev = pick_device(device)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         rates_path, table = load_rates(None, name)
-    else:
-        rates_path, table = load_rates(rates, "")
     result = project(p, profiles, table, Assumptions(robust=robust))
     result |= {"params": str(params), "overrides": list(set_ or []), "rates_file": str(rates_path),
                "device": table.get("device")}
-    typer.echo(f"dwf plan: {params} ({', '.join(p.datasets)}; {len(p.runs)} runs), rates "
-               f"{rates_path} ({table.get('device')}), robust share {robust:g} (undefended: 0)")
+    typer.echo(f"dwf plan: {params} ({', '.join(p.datasets)}; {len(p.runs)} runs) priced at "
+               f"{table.get('device')} rates ({rates_path}), robust share {robust:g} (undefended: 0)")
     typer.echo(render(result))
     if json_out is not None:
         _write_json(json_out, result)

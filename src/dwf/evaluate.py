@@ -160,6 +160,12 @@ class Resume:
             return None, "holds results of an unexpected type or shape"
         return saved["result"], None
 
+    def announce(self) -> None:
+        """Say on stderr how many saved parts this run starts from (a rerun after a kill)."""
+        saved = list(self.folder.glob("*.pt")) if self.folder is not None and self.folder.is_dir() else []
+        if saved:
+            tqdm.write(f"resuming: {len(saved)} saved part(s) in {self.folder}", file=sys.stderr)
+
     def _say(self, line: str) -> None:
         if not self.said:  # one line per evaluation, not one per part
             tqdm.write(line, file=sys.stderr)
@@ -404,6 +410,7 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
               tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
               ] if state is not None else []
     resume = Resume(state, _key(prints, cfg, seed))
+    resume.announce()
     kw = {"seed": seed, "device": device}
     parts = attack_parts(model, suite, x_u8, y, batch_size=cfg.batch_size, **kw)
     if cfg.autoattack:

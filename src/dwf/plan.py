@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
@@ -312,6 +313,16 @@ class Rate:
     source: str
 
 
+# the device whose rates price a configuration when the user names none: the digits study is
+# the CPU profile, the paper's datasets are trained on GPUs (docs/bench/h200.json)
+GPU_REFERENCE = "NVIDIA H200"
+
+
+def reference_device(datasets: Sequence[str]) -> str:
+    """The device a configuration is priced on by default: "cpu" for digits alone, else the GPU."""
+    return "cpu" if set(datasets) <= {"digits"} else GPU_REFERENCE
+
+
 def load_rates(path: Path | None, device: str) -> tuple[Path, dict]:
     """A rate table file: `path`, or the one under docs/bench/ whose "device" is `device`."""
     if path is None:
@@ -512,6 +523,17 @@ def plan(params: Params, profiles: dict[str, Profile], rates: dict,
             "assumptions": dataclasses.asdict(assume)}
 
 
+def rule_hours(result: dict[str, Any]) -> dict[str, float]:
+    """Hours of the longest job of each pipeline rule (expert, joint, baseline, evaluate): what
+    a cluster's time limit for the rule must allow (scripts/slurm-profile.py writes the SLURM
+    profile's runtimes from it; tests/test_plan.py holds the profiles to it)."""
+    longest: dict[str, float] = {}
+    for r in result["rows"]:
+        rule = r["name"].split()[0]  # "expert pgd", "evaluate dwf": the rule, then the job
+        longest[rule] = max(longest.get(rule, 0.0), r["hours_per_job"])
+    return longest
+
+
 def _row(dataset: str, stage: str, name: str, runs: int, hours: dict[str, float], counts: Counts
          ) -> dict[str, Any]:
     """One (dataset, job kind) line: `runs` jobs of `hours` each (by part)."""
@@ -547,4 +569,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def _h(hours: float) -> str:
-    return f"{hours:.3g}" if hours >= 0.01 else f"{hours * 3600:.3g} s"
+    """Hours as a person reads them: 1,347 / 18.7 / 0.87; under a minute in seconds."""
+    if hours >= 100:
+        return f"{hours:,.0f}"
+    if hours >= 1 / 60:
+        return f"{hours:.3g}"
+    seconds = hours * 3600
+    return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"
