@@ -84,6 +84,7 @@ DATASETS = config["datasets"]
 RUNS = config["runs"]
 EXPERTS = config["experts"]
 BASELINES = config.get("baselines", [])
+ROUTINGS = config.get("routings", [])  # DWF's mixture under other routing decisions (dwf reroute)
 MODELS = config["evaluate_models"]
 # GPUs of one joint-training job; above 1 it runs under torchrun (DDP, dwf.distributed), and
 # the joint batch size must divide evenly over them
@@ -95,12 +96,16 @@ wildcard_constraints:
     run=r"\d+",
     expert="[a-z]+(_[0-9]+)?",
     defense="|".join(BASELINES) or "^$",
+    routing="|".join(ROUTINGS) or "^$",
     model="[a-z0-9_]+(/[a-z0-9_]+)?",
 
 
 rule all:
     input:
         "metrics/summary.json",
+        # as `dvc repro`: the rerouted mixtures too, evaluated or not (evaluate_models opts in)
+        expand("models/{dataset}/run{run}/dwf_{routing}.pt", dataset=DATASETS, run=RUNS,
+               routing=ROUTINGS),
 
 
 # A directory() output gets Snakemake's .snakemake_timestamp inside, and data/{dataset} and
@@ -156,6 +161,20 @@ rule joint:
     shell:
         "{params.launch} train-joint --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
         " --quiet > {log:q} 2>&1"
+
+
+# Ablation (a): DWF's trained mixture under another routing decision, no training
+rule reroute:
+    input:
+        "models/{dataset}/run{run}/dwf.pt",
+        code_files("reroute"),
+    output:
+        "models/{dataset}/run{run}/dwf_{routing}.pt",
+    log:
+        "logs/reroute/{dataset}/run{run}/{routing}.log",
+    shell:
+        "dwf reroute --routing {wildcards.routing:q} --dataset {wildcards.dataset:q}"
+        " --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule baseline:

@@ -65,7 +65,8 @@ NINE = ["benign", "fgsm_0", "fgsm_1", "fgsm_2", "fgsm_3", "pgd_0", "pgd_1", "pgd
 def tiny_digits_params(runs=(0, 1), experts=NINE) -> dict:
     return {"seed": 0, "runs": list(runs), "datasets": ["digits"], "data_root": "data",
             "cpu_threads": 2, "experts": list(experts), "baselines": ["resnet18"],
-            "evaluate_models": ["dwf", "experts/benign", "resnet18"],
+            "routings": ["top1"],  # the rerouted mixture (ablation (a)): a reroute stage too
+            "evaluate_models": ["dwf", "experts/benign", "resnet18", "dwf_top1"],
             "digits": _tiny_section()}
 
 

@@ -168,9 +168,9 @@ def test_cli_prints_the_total_and_writes_json(tmp_path):
     r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
              "--json", str(out))
     assert r.exit_code == 0, r.output
-    assert "| **total** | 170 |" in r.stdout and "measured" in r.stdout
+    assert "| **total** | 180 |" in r.stdout and "measured" in r.stdout
     result = json.loads(out.read_text())
-    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 13)  # experts, joint, baselines, evaluations
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 15)  # experts, joint, baselines, evaluations
     # a zoo row is priced from the measured ResNet-18 by the ratio of forward MACs
     zoo = {x["rate"]: x for x in result["rates"]}["train/fp32: resnet34 train"]
     assert not zoo["measured"] and zoo["source"].startswith("expert train")

@@ -266,6 +266,28 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
 
 @app.command()
 @stage
+def reroute(routing: Annotated[str, typer.Option(help="uniform (no gate) or top1 (the gate's argmax)")],
+            dataset: DatasetOpt = "digits", run: RunOpt = 0,
+            mixture: Annotated[Optional[Path], typer.Option(help="DWF checkpoint")] = None,
+            out: CkptOutOpt = None, params: ParamsOpt = Path("params.yaml")):
+    """Write DWF's trained mixture under another routing decision, for evaluation (ablation:
+    are the gate and the soft mixing what makes it robust?)."""
+    from dwf import paths
+    from dwf.config import ROUTING_NAMES, choice, load_params
+    from dwf.defenses.dwf import reroute as write
+
+    choice(routing, "--routing", ROUTING_NAMES)
+    p = load_params(params, dataset, [])
+    p.profile(dataset)
+    source = mixture or paths.model(dataset, run, "dwf")
+    (out,) = _outputs({"--out": out}, [paths.model(dataset, run, f"dwf_{routing}")],
+                      [f".{routing}.pt"], inputs=[params, source], adhoc=mixture)
+    write(source, routing, dataset=dataset, out=out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@stage
 def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFENSES)}")],
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
           out: CkptOutOpt = None,
@@ -297,7 +319,7 @@ def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFEN
 @app.command()
 @stage
 def evaluate(model_name: Annotated[str, typer.Option(
-                 "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+                 "--model", help="dwf, dwf_<routing>, a baseline, or experts/<name>")] = "dwf",
              checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
              external: Annotated[Optional[str], typer.Option(
                  help="evaluate a public classifier instead: torchvision name or timm:NAME")] = None,
@@ -393,7 +415,7 @@ def _transfer_sources(checkpoint: Optional[Path], surrogates: list[Path]) -> dic
 @app.command()
 @stage
 def audit(model_name: Annotated[str, typer.Option(
-              "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+              "--model", help="dwf, dwf_<routing>, a baseline, or experts/<name>")] = "dwf",
           checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
           out: Annotated[Optional[Path], typer.Option(help="audit JSON to write")] = None,
           dataset: DatasetOpt = "digits", run: RunOpt = 0,

@@ -28,7 +28,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from dwf.config import DEFENSES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
+from dwf.config import DEFENSES, ROUTING_NAMES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
 from dwf.data import NUM_CLASSES, SHAPE
 
 # (train, test) examples per dataset: torchvision's CIFAR-10 and SVHN, our digits split (data.py)
@@ -65,11 +65,26 @@ def network(model: str) -> str:
     """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18 at
     the profile's width: an expert or a single-network baseline), else the baseline's own name
     (soe, advmoe, vgg19, a ResNet-18 at a width of its own)."""
-    if model == "dwf":
+    if _dwf_weights(model):
         return "mixture"
     if model in DEFENSES and (DEFENSES[model].arch != "resnet18" or DEFENSES[model].arch_settings):
         return model
     return "expert"
+
+
+def _dwf_weights(model: str) -> bool:
+    """DWF's trained mixture, under its own gate or another routing (dwf_<routing>, dwf reroute):
+    the same network, training and transfer sources."""
+    return model == "dwf" or (model.startswith("dwf_") and model[4:] in ROUTING_NAMES)
+
+
+def _hard(model: str) -> bool | None:
+    """Whether a rerouted DWF routes hard (dwf.models.ROUTINGS); None: as its network does."""
+    if model.startswith("dwf_") and _dwf_weights(model):
+        from dwf.models import ROUTINGS
+
+        return ROUTINGS[model[4:]][1]
+    return None
 
 
 def _passes(network: str, times: float = 1.0, **kinds: float) -> Counts:
@@ -188,7 +203,8 @@ MIXTURES = {
 }
 
 
-def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: float) -> Counts:
+def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: float,
+           hard: bool | None = None) -> Counts:
     """The strong suite on n examples: DLR and margin PGD (keep_best: their steps after the
     first on the `robust` share, pgd_cost); for a mixture the gate attack and PGD on each member,
     for a hard-routed one the relaxed-router PGD (priced like keep_best); PGD on each transfer source (an expert). The last three take every step on every example
@@ -206,7 +222,7 @@ def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: flo
         per += mix.logits(net, members) + _scaled(mix.objective(net, members), k * r)
         per += _passes(net, forward=pgd_cost(k, r, keep_best=False, ranked=True)[1])
         per += _scaled(other(mix.member), members)
-        if mix.hard:  # relaxed_pgd, CE and margin: a check on the model after every iteration
+        if mix.hard if hard is None else hard:  # relaxed_pgd, CE and margin: a check on the model after every iteration
             a_rel, _ = pgd_cost(k, cfg.relax_restarts, robust=robust)
             per += _passes(net, attack=2 * a_rel, forward=2 * (a_rel + 1))
     per += _scaled(other("expert"), sources)
@@ -404,7 +420,7 @@ class Pricing:
 
 def _members(model: str, params: Params, prof: Profile) -> int:
     """Members of an evaluated mixture (experts, sub-models); 0 for a single network."""
-    if model == "dwf":
+    if _dwf_weights(model):
         return len(params.experts)
     counts = {"soe": "n_submodels", "advmoe": "n_experts"}  # their settings' member count
     return getattr(prof.baselines.get(model), counts[model]) if model in counts else 0
@@ -414,7 +430,7 @@ def system_training(params: Params, dataset: str, prof: Profile, model: str) -> 
     """Passes of the whole training of an evaluated system on `dataset`: DWF's is its experts'
     pretraining plus the joint phase; an expert's (experts/<name>) or a baseline's, its job."""
     n = SPLIT_SIZES[dataset][0]
-    if model == "dwf":
+    if _dwf_weights(model):  # a rerouted DWF: DWF's training, nothing more
         return sum((expert_training(expert_kind(e), prof.expert, n) for e in params.experts),
                    joint_training(prof.joint, n))
     if model.startswith("experts/"):
@@ -464,8 +480,9 @@ def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
     if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
         parts["protocol"] += _passes(net, n, forward=1)
     if cfg.strong:  # on every example; transfer from DWF's own experts
-        sources = len(params.experts) if model == "dwf" else 0
-        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n, robust)
+        sources = len(params.experts) if _dwf_weights(model) else 0
+        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n, robust,
+                                 _hard(model))
     n_aa, n_audit = min(cfg.autoattack_n or n, n), min(cfg.audit_n or n, n)
     if cfg.autoattack:
         parts["autoattack"] = autoattack(cfg, net, n_aa, robust)
