@@ -29,7 +29,7 @@ from dwf.fingerprint import code_version, tensor_digest, weights_digest
 from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord, Records
 from dwf.models import frozen, is_mixture
 from dwf.runtime import derive_seed
-from dwf.workers import Part, run
+from dwf.workers import Part, WorkerDied, run
 
 # (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor | dict[str, torch.Tensor]]
@@ -423,7 +423,12 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
         def done(name: str) -> None:
             bar.set_postfix_str(name)
             bar.update()
-        results = run(parts, workers, done)
+        try:
+            results = run(parts, workers, done)
+        except WorkerDied as e:  # the parts that finished are on disk: say so
+            if state is None:
+                raise
+            raise WorkerDied(f"{e}; those are saved in {state}: a rerun resumes") from None
 
     flags = _gather(results, "clean") | {k: v for name in suite for k, v in _gather(results, name).items()}
     records = {"clean": CLEAN, **{k: r for entry in suite.values() for k, r in entry.records.items()}}
