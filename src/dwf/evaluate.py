@@ -405,10 +405,10 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
     n_aa = min(cfg.autoattack_n or n, n)
     # what a saved part must match to be reused: the model, the transfer sources, the data,
-    # the code it ran
+    # the code it ran, the CPU thread count its sums ran with (the workers' too, dwf.workers)
     prints = [weights_digest(model), *(f"{k}:{weights_digest(f)}" for k, f in sorted((sources or {}).items())),
-              tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
-              ] if state is not None else []
+              tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint"),
+              f"cpu_threads:{torch.get_num_threads()}"] if state is not None else []
     resume = Resume(state, _key(prints, cfg, seed))
     resume.announce()
     kw = {"seed": seed, "device": device}
