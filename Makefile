@@ -11,11 +11,16 @@ STUDY := studies/digits
 DEMO_TARGETS := evaluate@digits-0-dwf evaluate@digits-0-experts/benign
 DEMO_METRICS := metrics/runs/digits/run0/eval/dwf.json metrics/runs/digits/run0/eval/experts/benign.json
 
-.PHONY: install demo study test test-all lint
+.PHONY: install demo study test test-all lint lock
 
+# The environment is requirements.lock and nothing else: every file checked against its sha256,
+# no dependency resolved beyond the lock (the Dockerfile installs the same way), then dwf itself,
+# editable, built by the lock's setuptools. The lock's two sdists (antlr4-python3-runtime,
+# connection-pool) build in pip's isolated environment here; the image builds them with its own.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c requirements.lock -e '.[test,pipeline]'
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,3 +55,15 @@ test-all: install
 
 lint: install
 	hadolint Dockerfile
+
+# requirements.lock: the dependencies of pyproject.toml with its test and pipeline extras, pinned,
+# with the sha256 of every file PyPI has of each pinned version, resolved for Linux x86_64 and
+# CPython 3.11 (the image's platform). `make lock` reruns the command the lock's header records;
+# uv keeps the versions already in the lock unless pyproject.toml needs others (delete a line to
+# let its package move). uv comes from a scratch venv, not from the project's environment.
+UV_VERSION := 0.13.9
+UV_VENV := $(or $(TMPDIR),/tmp)/dwf-uv-$(UV_VERSION)
+lock:
+	test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && $(UV_VENV)/bin/pip install -q uv==$(UV_VERSION); }
+	$(UV_VENV)/bin/uv pip compile pyproject.toml --extra test --extra pipeline --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements.lock

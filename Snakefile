@@ -84,6 +84,7 @@ DATASETS = config["datasets"]
 RUNS = config["runs"]
 EXPERTS = config["experts"]
 BASELINES = config.get("baselines", [])
+ROUTINGS = config.get("routings", [])  # DWF's mixture under other routing decisions (dwf reroute)
 MODELS = config["evaluate_models"]
 # GPUs of one joint-training job; above 1 it runs under torchrun (DDP, dwf.distributed), and
 # the joint batch size must divide evenly over them
@@ -95,12 +96,16 @@ wildcard_constraints:
     run=r"\d+",
     expert="[a-z]+(_[0-9]+)?",
     defense="|".join(BASELINES) or "^$",
+    routing="|".join(ROUTINGS) or "^$",
     model="[a-z0-9_]+(/[a-z0-9_]+)?",
 
 
 rule all:
     input:
         "metrics/summary.json",
+        # as `dvc repro`: the rerouted mixtures too, evaluated or not (evaluate_models opts in)
+        expand("models/{dataset}/run{run}/dwf_{routing}.pt", dataset=DATASETS, run=RUNS,
+               routing=ROUTINGS),
 
 
 # A directory() output gets Snakemake's .snakemake_timestamp inside, and data/{dataset} and
@@ -156,6 +161,20 @@ rule joint:
     shell:
         "{params.launch} train-joint --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
         " --quiet > {log:q} 2>&1"
+
+
+# Ablation (a): DWF's trained mixture under another routing decision, no training
+rule reroute:
+    input:
+        "models/{dataset}/run{run}/dwf.pt",
+        code_files("reroute"),
+    output:
+        "models/{dataset}/run{run}/dwf_{routing}.pt",
+    log:
+        "logs/reroute/{dataset}/run{run}/{routing}.log",
+    shell:
+        "dwf reroute --routing {wildcards.routing:q} --dataset {wildcards.dataset:q}"
+        " --run {wildcards.run:q} > {log:q} 2>&1"
 
 
 rule baseline:
@@ -236,3 +255,34 @@ rule aggregate:
         "logs/aggregate.log",
     shell:
         "dwf aggregate > {log:q} 2>&1"
+
+
+# A GPU request that no node of its SLURM partition can meet would wait in the queue forever
+# (issue 26): before anything is submitted, each partition that a job asking for a GPU names
+# must have GPU GRES in `sinfo`. (onstart runs after the job graph is built, not in dry runs.)
+def _refuse_gpus_the_cluster_lacks():
+    import subprocess
+
+    from snakemake.exceptions import WorkflowError
+
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    wanting = {}  # partition -> rules whose jobs ask for a GPU there
+    for job in workflow.dag.needrun_jobs():
+        if int(job.resources.get("gpu", 0) or 0) > 0:
+            partition = job.resources.get("slurm_partition") or ""
+            wanting.setdefault(partition, set()).add(job.rule.name)
+    for partition, rules in sorted(wanting.items()):
+        cmd = ["sinfo", "--noheader", "--format=%G"] + ([f"--partition={partition}"] if partition else [])
+        gres = subprocess.run(cmd, capture_output=True, text=True).stdout
+        if "gpu" not in gres:
+            where = f"partition {partition!r}" if partition else "this cluster"
+            raise WorkflowError(
+                f"rules {', '.join(sorted(rules))} ask for a GPU, and no node of {where} has one "
+                f"(sinfo GRES: {' '.join(gres.split()) or 'none'}); use a GPU partition, or set "
+                "their gpu resource to 0 in the profile (profiles/slurm-local)")
+
+
+onstart:
+    _refuse_gpus_the_cluster_lacks()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -92,6 +93,40 @@ def test_every_stage_end_to_end(project):
     _ok(dwf("aggregate", "--params", "params.yaml"))
     assert json.loads((project / "metrics/summary.json").read_text())
     assert any((project / "reports").iterdir())
+
+
+def test_reroute_writes_dwf_under_another_routing_and_evaluate_attacks_it(project):
+    """Ablation (a): `dwf reroute` writes the trained mixture's weights under top-1 routing as
+    a model of its own (same bytes on a rerun: DVC caches it); its evaluation adds the
+    relaxed-router attacks a hard routing needs, and records DWF's training cost."""
+    import hashlib
+
+    _ok(dwf("reroute", "--routing", "top1", "--params", "params.yaml", "--dataset", "digits"))
+    path = paths.model("digits", 0, "dwf_top1")
+    first = hashlib.sha256(path.read_bytes()).hexdigest()
+    _ok(dwf("reroute", "--routing", "top1", "--params", "params.yaml", "--dataset", "digits"))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == first
+    routed, mixture = load_model(path), load_model(paths.model("digits", 0, "dwf"))
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        best = mixture.gate_weights(x).argmax(1)
+        assert torch.equal(routed(x), mixture.expert_logits(x)[torch.arange(6), best])
+
+    _ok(dwf("evaluate", "--model", "dwf_top1", *P))
+    routed_m = read(paths.evaluation("digits", 0, "dwf_top1"))
+    assert {"relaxed_ce", "relaxed_margin"} <= set(routed_m["strong"])
+    _ok(dwf("evaluate", "--model", "dwf", *P))
+    dwf_m = read(paths.evaluation("digits", 0, "dwf"))
+    assert routed_m["train_tmacs"] == dwf_m["train_tmacs"] and routed_m["params_m"] == dwf_m["params_m"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--routing", "top2"], "--routing"),
+    (["--routing", "uniform", "--mixture", "models/digits/run0/experts/benign.pt"], "not a DWF mixture"),
+])
+def test_reroute_refuses_what_it_cannot_reroute(project, args, says):
+    r = dwf("reroute", *args, "--params", "params.yaml", "--dataset", "digits")
+    assert r.exit_code == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 # ---------------------------------------------------------------- where ad-hoc commands write
@@ -246,3 +281,38 @@ def test_module_entry_point(workdir, tiny_params):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _commands():
+    import typer.main
+
+    return typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_help_text_prints_as_written(name):
+    """`dwf NAME --help` shows the command's docstring and each option's help word for word:
+    nothing taken as console markup ("[clean, FGSM, PGD]" once vanished) or dropped."""
+    command = _commands()[name]
+    shown = _words(CliRunner().invoke(app, [name, "--help"], terminal_width=100).stdout)
+    assert _words(command.help) in shown
+    for param in command.params:
+        if getattr(param, "help", None):
+            assert _words(param.help) in shown, (param.name, param.help)
+
+
+def test_the_command_list_shows_each_summary_as_written():
+    """`dwf --help`: each command's line is the start of its docstring (click cuts a long one
+    with "..."), brackets and all."""
+    shown = CliRunner().invoke(app, ["--help"], terminal_width=100).stdout
+    listed = dict(line.split(None, 1) for line in shown.split("Commands:")[1].splitlines()
+                  if line.strip())
+    assert set(listed) == set(_commands())
+    for name, summary in listed.items():
+        start = _words(summary).removesuffix("...")
+        assert len(start) > 20 and _words(_commands()[name].help).startswith(start), (name, summary)
+    assert "[clean, FGSM, PGD]" in shown

@@ -214,3 +214,55 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("seed: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+# ---------------------------------------------------------------- names from DVC, not a shell
+
+
+def _params_with(tmp_path, **lists) -> Path:
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({**raw, **lists}))
+    return path
+
+
+@pytest.mark.parametrize("addressing, lists, item", [
+    ("expert@cifar10-3-pgd_2", ("datasets", "runs", "experts"), ("cifar10", 3, "pgd_2")),
+    ("studies/digits/dvc.yaml:evaluate@svhn-0-experts/benign", ("datasets", "runs", "evaluate_models"),
+     ("svhn", 0, "experts/benign")),
+    ("download@svhn", ("datasets",), ("svhn",)),
+    ("joint@cifar10-4", ("datasets", "runs"), ("cifar10", 4)),
+])
+def test_dvc_stage_names_its_item(addressing, lists, item, tmp_path, monkeypatch):
+    """`--dvc`: the stage DVC runs (its name in $DVC_STAGE) is one combination of the params
+    lists, found there; the command line carries no params value (issue 23)."""
+    from dwf.cli import _dvc_item
+
+    monkeypatch.setenv("DVC_STAGE", addressing)
+    assert _dvc_item(_params_with(tmp_path), lists) == item
+
+
+@pytest.mark.parametrize("addressing, lists, experts", [
+    ("expert@cifar10-9-pgd_2", ("datasets", "runs", "experts"), None),       # no run 9
+    ("expert@cifar10-0-x'; touch PWN; '", ("datasets", "runs", "experts"), None),
+    ("expert@cifar10-0-x'; touch PWN; '", ("datasets", "runs", "experts"),  # in params: refused there
+     ["benign", "fgsm_0", "fgsm_1", "fgsm_2", "fgsm_3", "pgd_0", "pgd_1", "pgd_2", "x'; touch PWN; '"]),
+    ("", ("datasets",), None),                                             # not run by DVC
+])
+def test_dvc_stage_that_is_no_item_is_refused(addressing, lists, experts, tmp_path, monkeypatch):
+    from dwf.cli import _dvc_item
+
+    monkeypatch.setenv("DVC_STAGE", addressing)
+    params = _params_with(tmp_path, **({"experts": experts} if experts else {}))
+    with pytest.raises(ValueError, match="experts: expected a name" if experts else "--dvc"):
+        _dvc_item(params, lists)
+
+
+def test_dvc_option_outside_dvc_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    _params_with(tmp_path)
+    r = CliRunner().invoke(app, ["train-expert", "--dvc"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "$DVC_STAGE" in r.stderr
+    r = CliRunner().invoke(app, ["train-expert"])
+    assert r.exit_code == 2 and "--expert: required" in r.stderr

@@ -181,6 +181,28 @@ def test_bad_content_with_matching_hash_is_refused(tmp_path):
         data.load_split("digits", tmp_path, "test")
 
 
+def test_tampered_data_with_a_rehashed_manifest_is_refused(tmp_path):
+    """Issue 23: labels shifted in test.pt and the manifest re-hashed to match (as a poisoned
+    DVC remote would serve them): the manifest's check passes, the digest git pins does not."""
+    d = data.download("digits", tmp_path, progress=False)
+    x, y = data.load_split("digits", tmp_path, "test")
+    torch.save({"x": x, "y": (y + 1) % 10}, d / "test.pt")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["splits"]["test"]["sha256"] = hashlib.sha256((d / "test.pt").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="not the data this code was pinned to"):
+        data.load_split("digits", tmp_path, "test")
+    data.load_split("digits", tmp_path, "train")  # the untouched split still loads
+
+
+def test_the_pinned_digests_are_what_the_download_makes(tmp_path):
+    data.download("digits", tmp_path, progress=False)
+    from dwf.fingerprint import tensor_digest
+
+    for split, pinned in data.SPLIT_DIGESTS["digits"].items():
+        assert tensor_digest(*data.load_split("digits", tmp_path, split)) == pinned
+
+
 # --- CIFAR-10 and SVHN through the real torchvision code, offline --------------------------
 
 

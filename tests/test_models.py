@@ -109,6 +109,26 @@ def test_softmoe_gate_depends_on_the_input(x):
     assert not torch.allclose(w[0], w[1])
 
 
+def test_rerouted_mixture_is_its_experts_under_the_new_decision(x):
+    """Ablation (a): the same trained experts and router, mixed uniformly or by the gate's
+    argmax; the softmax mixture is untouched."""
+    from dwf.config import ROUTING_NAMES
+
+    assert tuple(models.ROUTINGS) == ROUTING_NAMES  # config's names are the models' decisions
+    moe = _moe()
+    f, w = moe.expert_logits(x), moe.gate_weights(x)  # (N, E, C), (N, E)
+    uniform, top1 = models.RoutedMoE(moe, "uniform"), models.RoutedMoE(moe, "top1")
+    torch.testing.assert_close(uniform(x), f.mean(1), rtol=1e-5, atol=1e-6)
+    best = w.argmax(1)
+    torch.testing.assert_close(top1(x), f[torch.arange(len(x)), best], rtol=1e-5, atol=1e-6)
+    assert (top1.gate_weights(x).argmax(1) == best).all() and top1.gate_weights(x).sum() == len(x)
+    assert top1.hard_routing and not uniform.hard_routing and not moe.hard_routing
+    torch.testing.assert_close(moe(x), (w.unsqueeze(-1) * f).sum(1), rtol=1e-5, atol=1e-6)
+    assert set(top1.state_dict()) == {f"mixture.{k}" for k in moe.state_dict()}
+    with pytest.raises(ValueError, match="unknown routing 'top2'"):
+        models.RoutedMoE(moe, "top2")
+
+
 def test_registry_rebuilds_both_architectures():
     mean_std = {"mean": MEAN, "std": STD}
     net = models.build("resnet18", num_classes=7, width=4, **mean_std)
@@ -131,6 +151,8 @@ def _kwargs(arch: str, shape: tuple[int, int, int]) -> dict:
             "advmoe_resnet18": {**base, "n_experts": 2, "router_width": 4, "router_blocks": 1},
             "softmoe": {"n_experts": 2, "expert": base, "router_hidden": (8,),
                         "input_shape": shape},
+            "routed_moe": {"routing": "top1", "n_experts": 2, "expert": base,
+                           "router_hidden": (8,), "input_shape": shape},
             **dict.fromkeys(models.ZOO, base)}[arch]  # the benign baselines (models/zoo.py)
 
 
@@ -190,7 +212,7 @@ def test_checkpoint_round_trip_at_the_dataset_shape(tmp_path, dataset):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
-@pytest.mark.parametrize("arch", ["softmoe", "soe", "advmoe_resnet18"])
+@pytest.mark.parametrize("arch", ["softmoe", "soe", "advmoe_resnet18", "routed_moe"])
 def test_every_mixture_exposes_its_experts_and_gate_the_same_way(arch):
     """DWF, SoE and ADVMoE share one interface, so the mixture-aimed attacks reach all three."""
     from dwf.config import EvalConfig

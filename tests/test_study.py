@@ -40,7 +40,9 @@ def test_study_params_are_the_full_study():
     assert set(p.baselines) == {"resnet18", "resnet18_fgsm_at", "resnet18_pgd_at", "trades", "soe", "advmoe",
                                 "resnet34", "resnet50",  # the two cheapest zoo rows (docs/baselines.md)
                                 "pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params"}
-    assert set(p.evaluate_models) == {"dwf", "experts/benign", *p.baselines}
+    assert set(p.routings) == {"uniform", "top1"}  # ablation (a): DWF's weights, other routings
+    assert set(p.evaluate_models) == {"dwf", "experts/benign", *p.baselines,
+                                      *(f"dwf_{r}" for r in p.routings)}
     assert ev.n_examples == 0 and ev.autoattack and ev.autoattack_n == 0  # all 360 digits
     assert ev.autoattack_version == "standard" and ev.square_queries == 5000
     assert (ev.ms_steps, ev.ms_restarts, ev.adaptive_steps) == (100, 3, 100)  # Table 4

@@ -43,3 +43,18 @@ def test_the_front_keeps_only_points_no_cheaper_point_beats():
 
 def test_no_dwf_no_verdict():
     assert verdict.sentences({"resnet18_pgd_at": PER_RUN["resnet18_pgd_at"]}) == []
+
+
+def test_the_ablation_page_pairs_dwf_with_each_ablation_of_itself():
+    per_run = {"digits": {**PER_RUN, "dwf_uniform": _runs([40.0, 41.0, 39.0], 1.0, 2.0),
+                          "dwf_top1": _runs([50.0, 53.0, 50.5], 1.0, 2.0)}}
+    page = verdict.ablation_page(per_run, {"digits": "Digits"})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if line.startswith("| DWF")}
+    assert set(rows) == {"DWF (ours)", "DWF, its experts' uniform average (no gate)",
+                         "DWF, top-1 routing by its gate"}
+    uniform = rows["DWF, its experts' uniform average (no gate)"]
+    assert "+11.00 ±" in uniform and "DWF is more robust" in uniform  # differences 10, 11, 12
+    assert "no difference the runs can resolve" in rows["DWF, top-1 routing by its gate"]
+    assert "PGD-AT" not in page  # the matched baselines are the verdict's, not ablations
+    empty = verdict.ablation_page({"digits": PER_RUN}, {"digits": "Digits"})
+    assert "No ablation was evaluated" in empty

@@ -1,14 +1,20 @@
-"""An evaluation's parts in worker processes: the same results as one after another, bit for bit."""
+"""An evaluation's parts in worker processes: the same results as one after another, bit for bit;
+a failing part or a killed worker ends the run at once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import time
 
 import pytest
 import torch
+import typer
 from _models import EPS, digits_root, mixture, trained
 
+from dwf import cli
 from dwf import evaluate as ev
 from dwf import workers
 from dwf.config import EvalConfig
@@ -37,12 +43,58 @@ def test_parts_run_in_other_processes_and_come_back_by_name_in_order():
     assert all(torch.equal(forked[k][1], here[k][1]) for k in parts)
 
 
-def test_a_failing_part_fails_the_run():
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Fail, rather than hang, where the block outlasts `seconds` (no pytest-timeout here)."""
+    def late(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    before = signal.signal(signal.SIGALRM, late)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_a_failing_part_fails_the_run_without_waiting_for_the_others():
     def broken():
         raise ValueError("part 3 broke")
-    parts = {"ok": Part(1, lambda: 1), "bad": Part(2, broken)}
-    with pytest.raises(ValueError, match="part 3 broke"):
+    parts = {"slow": Part(2, lambda: time.sleep(600)), "bad": Part(1, broken)}
+    with _within(30), pytest.raises(ValueError, match="part 3 broke"):
         workers.run(parts, 2)
+
+
+def test_a_killed_worker_ends_the_run_in_seconds_and_the_finished_parts_are_kept(tmp_path, capsys):
+    """kill -9 of a worker mid-part (issue 23: the OOM killer, an operator) is one line from the
+    CLI, not a parent waiting forever for the part the worker held; what finished is reused."""
+    pid = tmp_path / "pid"
+
+    def stuck():  # the longest part, so the first one out: says where it runs, then waits
+        pid.write_text(str(os.getpid()))
+        time.sleep(600)
+
+    def kill_after_the_short_ones(name):  # the parent's progress callback
+        finished.append(name)
+        if len(finished) == 2:
+            while not (pid.is_file() and pid.read_text()):
+                time.sleep(0.05)
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+
+    resume, finished = ev.Resume(tmp_path / "state", "key"), []
+    parts = {"stuck": Part(2, stuck), "a": Part(1, lambda: _seeded(1)), "b": Part(1, lambda: _seeded(2))}
+    with _within(30), pytest.raises(typer.Exit) as end:
+        cli.stage(workers.run)({k: resume.part(k, p) for k, p in parts.items()}, 2,
+                               kill_after_the_short_ones)
+    err = capsys.readouterr().err
+    assert end.value.exit_code == 2 and sorted(finished) == ["a", "b"]
+    assert err.startswith("error: a worker process died") and "2 of 3 parts finished" in err
+    assert err.count("\n") == 1, err
+
+    def again():
+        raise AssertionError("a part that had finished ran again")
+    rerun = workers.run({k: resume.part(k, Part(1, again)) for k in ("a", "b")}, 2)
+    assert torch.equal(rerun["a"], _seeded(1)) and torch.equal(rerun["b"], _seeded(2))
 
 
 def test_one_worker_on_a_gpu_every_cpu_otherwise():

@@ -17,6 +17,8 @@ import io
 import math
 import platform
 import re
+import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,32 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _canonical(obj: Any) -> Any:
+    """`obj` rebuilt so that its pickle depends on its values alone, not on how it was made.
+
+    Pickle writes each string and container once per object and refers back to it after, so
+    equal values built differently give different bytes: a resumed training's history comes
+    from unpickling (every "loss" its own string), an uninterrupted one's from the code's
+    constants (one shared "loss"), and DVC would see a new checkpoint (issue 23). Containers
+    are rebuilt unshared (an OrderedDict keeps its type and torch's `_metadata`), strings
+    interned; tensors and numbers stay as they are.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state_dict's module versions (load_state_dict reads them)
+            out._metadata = _canonical(obj._metadata)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint dict atomically (adds format tag and versions)."""
-    payload = {"format": FORMAT, "versions": versions(), **payload}
+    """Write a checkpoint dict atomically (adds format tag and versions); the same values give
+    the same bytes however they were computed (_canonical)."""
+    payload = _canonical({"format": FORMAT, "versions": versions(), **payload})
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ValueError(f"checkpoint payload lacks {missing}")

@@ -17,7 +17,10 @@ import typer
 
 from dwf.config import DEFENSES  # the registry of baselines: --defense's choices
 
+# rich_markup_mode=None: help texts print as written (click's plain formatter); rich's markup
+# would eat "[clean, FGSM, PGD]" as a style tag (tests/test_cli.py renders every command's help)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Divided We Fall: soft-gated mixture of adversarially trained experts.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
@@ -31,6 +34,9 @@ WorkersOpt = Annotated[int, typer.Option(
     "--workers", min=0, max=256, help="processes for the evaluation's independent parts (0: every "
     "CPU; 1 on a GPU); the results do not depend on it")]
 CkptOutOpt = Annotated[Optional[Path], typer.Option("--out", help="checkpoint path")]
+DvcOpt = Annotated[bool, typer.Option(
+    "--dvc", help="take the names (dataset, run, ...) from the DVC stage running this command "
+                  "($DVC_STAGE) and the params file: dvc.yaml's commands carry no params value")]
 HistoryOpt = Annotated[Optional[Path], typer.Option("--history", help="training curve JSON")]
 
 
@@ -158,6 +164,42 @@ def _refuse_overlap(outputs: list[Path], inputs: list[Optional[Path]]) -> None:
         seen.add(a)
 
 
+def _dvc_item(params_path: Path, lists: tuple[str, ...]) -> tuple:
+    """The names of the DVC stage running this command, checked against the params file.
+
+    DVC puts a stage's params values into its command line before anything can check them, and
+    a name can end a shell quote (issue 23). So dvc.yaml's commands are constant (`--dvc`): DVC
+    names the stage in $DVC_STAGE ("[path/dvc.yaml:]expert@digits-0-benign", its matrix key the
+    item's values joined by "-"), and the item is the one combination of the params lists
+    `lists` (e.g. datasets, runs, experts) with that key; load_params refuses a bad name first.
+    """
+    import itertools
+    import os
+
+    from dwf.config import load_params
+
+    addressing = os.environ.get("DVC_STAGE", "")
+    if "@" not in addressing:
+        raise ValueError("--dvc: no DVC stage in $DVC_STAGE (DVC sets it for the stages it runs); "
+                         "name the dataset, run and model with their options instead")
+    stage_name = addressing.rsplit(":", 1)[-1]  # "studies/digits/dvc.yaml:expert@..." -> "expert@..."
+    key = stage_name.partition("@")[2]
+    p = load_params(params_path)
+    items = [c for c in itertools.product(*(getattr(p, name) for name in lists))
+             if "-".join(map(str, c)) == key]
+    if len(items) != 1:
+        raise ValueError(f"--dvc: DVC stage {stage_name[:80]!r} is not one item of "
+                         f"{' x '.join(lists)} in {params_path}")
+    return items[0]
+
+
+def _given(value: Optional[str], option: str) -> str:
+    """A name option that is required unless --dvc gives it."""
+    if value is None:
+        raise ValueError(f"{option}: required (or --dvc in a DVC stage)")
+    return value
+
+
 def _arch(dataset: str, profile) -> dict:
     """ResNet-18 arguments of a profile; the input channels come from the data (data.SHAPE),
     so a checkpoint says what images it takes."""
@@ -191,11 +233,13 @@ def check_params(params: ParamsOpt = Path("params.yaml"),
 @app.command()
 @stage
 def download(dataset: DatasetOpt = "digits", params: ParamsOpt = Path("params.yaml"),
-             quiet: QuietOpt = False):
+             quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Fetch a dataset into data/NAME as uint8 tensors with a checksummed manifest."""
     from dwf.config import check_name, load_params
     from dwf.data import download as fetch
 
+    if dvc:
+        (dataset,) = _dvc_item(params, ("datasets",))
     check_name(dataset, "--dataset")
     root = Path(load_params(params).data_root)
     typer.echo(f"{fetch(dataset, root, progress=not quiet)}")
@@ -203,12 +247,13 @@ def download(dataset: DatasetOpt = "digits", params: ParamsOpt = Path("params.ya
 
 @app.command("train-expert")
 @stage
-def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. benign, fgsm_0, pgd_3")],
+def train_expert(expert: Annotated[Optional[str], typer.Option(
+                     help="expert name, e.g. benign, fgsm_0, pgd_3 (required)")] = None,
                  dataset: DatasetOpt = "digits", run: RunOpt = 0,
                  out: CkptOutOpt = None,
                  history: HistoryOpt = None,
                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-                 device: DeviceOpt = None, quiet: QuietOpt = False):
+                 device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Pretrain one expert (Algorithms 1-2) on the training split."""
     from dwf import paths
     from dwf.config import EXPERT_NAME, check_name, expert_kind
@@ -216,7 +261,9 @@ def train_expert(expert: Annotated[str, typer.Option(help="expert name, e.g. ben
     from dwf.defenses.dwf import train_expert as train
     from dwf.runtime import derive_seed
 
-    check_name(expert, "--expert", EXPERT_NAME)
+    if dvc:
+        dataset, run, expert = _dvc_item(params, ("datasets", "runs", "experts"))
+    check_name(_given(expert, "--expert"), "--expert", EXPERT_NAME)
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if expert not in p.experts:
         _fail(f"--expert: {expert!r} is not in params experts ({', '.join(p.experts)})")
@@ -238,13 +285,15 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
                 out: CkptOutOpt = None,
                 history: HistoryOpt = None,
                 params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-                device: DeviceOpt = None, quiet: QuietOpt = False):
+                device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Train the mixture end to end on [clean, FGSM, PGD] batches (Algorithm 3)."""
     from dwf import paths
     from dwf.data import load_split
     from dwf.defenses.dwf import train_joint as train
     from dwf.runtime import derive_seed
 
+    if dvc:
+        dataset, run = _dvc_item(params, ("datasets", "runs"))
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     folder = experts_dir or paths.expert(dataset, run, "benign").parent
     experts = [folder / f"{name}.pt" for name in p.experts]
@@ -263,12 +312,38 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
 
 @app.command()
 @stage
-def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFENSES)}")],
+def reroute(routing: Annotated[Optional[str], typer.Option(
+                help="uniform (no gate) or top1 (the gate's argmax) (required)")] = None,
+            dataset: DatasetOpt = "digits", run: RunOpt = 0,
+            mixture: Annotated[Optional[Path], typer.Option(help="DWF checkpoint")] = None,
+            out: CkptOutOpt = None, params: ParamsOpt = Path("params.yaml"), dvc: DvcOpt = False):
+    """Write DWF's trained mixture under another routing decision, for evaluation (ablation:
+    are the gate and the soft mixing what makes it robust?)."""
+    from dwf import paths
+    from dwf.config import ROUTING_NAMES, choice, load_params
+    from dwf.defenses.dwf import reroute as write
+
+    if dvc:
+        dataset, run, routing = _dvc_item(params, ("datasets", "runs", "routings"))
+    choice(_given(routing, "--routing"), "--routing", ROUTING_NAMES)
+    p = load_params(params, dataset, [])
+    p.profile(dataset)
+    source = mixture or paths.model(dataset, run, "dwf")
+    (out,) = _outputs({"--out": out}, [paths.model(dataset, run, f"dwf_{routing}")],
+                      [f".{routing}.pt"], inputs=[params, source], adhoc=mixture)
+    write(source, routing, dataset=dataset, out=out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+@stage
+def train(defense: Annotated[Optional[str], typer.Option(
+              help=f"baseline (required): {', '.join(DEFENSES)}")] = None,
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
           out: CkptOutOpt = None,
           history: HistoryOpt = None,
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-          device: DeviceOpt = None, quiet: QuietOpt = False):
+          device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Train one system the paper compares against, with its settings (baselines.NAME)."""
     from dwf import paths
     from dwf.config import check_name
@@ -276,7 +351,9 @@ def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFEN
     from dwf.defenses import train_defense
     from dwf.runtime import derive_seed
 
-    check_name(defense, "--defense")
+    if dvc:
+        dataset, run, defense = _dvc_item(params, ("datasets", "runs", "baselines"))
+    check_name(_given(defense, "--defense"), "--defense")
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
     if defense not in DEFENSES:
         _fail(f"--defense: {defense!r} is not one of {', '.join(DEFENSES)}")
@@ -294,7 +371,7 @@ def train(defense: Annotated[str, typer.Option(help=f"baseline: {', '.join(DEFEN
 @app.command()
 @stage
 def evaluate(model_name: Annotated[str, typer.Option(
-                 "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+                 "--model", help="dwf, dwf_<routing>, a baseline, or experts/<name>")] = "dwf",
              checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
              external: Annotated[Optional[str], typer.Option(
                  help="evaluate a public classifier instead: torchvision name or timm:NAME")] = None,
@@ -304,7 +381,7 @@ def evaluate(model_name: Annotated[str, typer.Option(
              out: Annotated[Optional[Path], typer.Option(help="metrics JSON to write")] = None,
              dataset: DatasetOpt = "digits", run: RunOpt = 0,
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-             device: DeviceOpt = None, quiet: QuietOpt = False, workers: WorkersOpt = 0):
+             device: DeviceOpt = None, quiet: QuietOpt = False, workers: WorkersOpt = 0, dvc: DvcOpt = False):
     """Run the paper's attack protocol (Table 4), the stronger attacks, AutoAttack and the audit
     (as params switch on) and write a metrics file (numbers DVC shows) and its details file
     beside it (dwf.metricsfile). Without --out: the pipeline's path, or with --checkpoint, beside
@@ -320,6 +397,8 @@ def evaluate(model_name: Annotated[str, typer.Option(
     from dwf.runtime import derive_seed
     from dwf.workers import count
 
+    if dvc:
+        dataset, run, model_name = _dvc_item(params, ("datasets", "runs", "evaluate_models"))
     check_name(model_name, "--model", MODEL_NAME)
     p, prof, dev = _context(params, dataset, set_, device)
     if external:  # never the metrics of a pipeline model
@@ -390,7 +469,7 @@ def _transfer_sources(checkpoint: Optional[Path], surrogates: list[Path]) -> dic
 @app.command()
 @stage
 def audit(model_name: Annotated[str, typer.Option(
-              "--model", help="dwf, a baseline, or experts/<name>")] = "dwf",
+              "--model", help="dwf, dwf_<routing>, a baseline, or experts/<name>")] = "dwf",
           checkpoint: Annotated[Optional[Path], typer.Option(help="model checkpoint")] = None,
           out: Annotated[Optional[Path], typer.Option(help="audit JSON to write")] = None,
           dataset: DatasetOpt = "digits", run: RunOpt = 0,
@@ -432,7 +511,7 @@ def forensics(undefended: Annotated[str, typer.Option(
                   "--steps", min=1, help="PGD-k to report (repeat; default: 10, 20, ..., 100)")] = None,
               dataset: DatasetOpt = "digits", run: RunOpt = 0,
               params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-              device: DeviceOpt = None, quiet: QuietOpt = False):
+              device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Protocol forensics (dwf.forensics): PGD-10..100 at the threat model under the correct
     protocol and under each evaluation mistake (none of them a valid evaluation), on the
     pipeline's checkpoints; writes a JSON and prints the comparison page's section."""
@@ -444,6 +523,10 @@ def forensics(undefended: Annotated[str, typer.Option(
     from dwf.config.defenses import label
     from dwf.runtime import derive_seed
 
+    if dvc:  # dvc.yaml's forensics: the first run of each dataset
+        from dwf.config import load_params
+
+        (dataset,), run = _dvc_item(params, ("datasets",)), load_params(params).runs[0]
     names = [undefended, *(model_names or ["dwf"])]
     for name in names:
         check_name(name, "--model", MODEL_NAME)
@@ -576,8 +659,11 @@ def plan(params: ParamsOpt = Path("params.yaml"),
          set_: Annotated[Optional[list[str]], typer.Option(
              "--set", help="override a value of every dataset's section, e.g. expert.precision=bf16")] = None,
          rates: Annotated[Optional[Path], typer.Option(
-             help="rate table (default: the one in docs/bench/ for this device)")] = None,
-         device: DeviceOpt = None,
+             help="rate table (default: docs/bench/'s for --device, else for the configuration: "
+                  "the CPU's for digits, the H200's for the paper's datasets)")] = None,
+         device: Annotated[Optional[str], typer.Option(
+             "--device", help="price at this machine's rates: cpu or cuda (default: the "
+                              "configuration's device, whatever this machine has)")] = None,
          robust: Annotated[float, typer.Option(
              min=0.0, max=1.0, help="assumed share of examples an adversarially trained model "
                                     "keeps: what PGD's later steps and AutoAttack's later "
@@ -586,26 +672,28 @@ def plan(params: ParamsOpt = Path("params.yaml"),
     """Projected jobs and device-hours of the whole `dvc repro` (training and evaluation), per
     job kind and in total, from measured rates (docs/bench/); says which are extrapolated."""
     from dwf.config import load_params
-    from dwf.plan import Assumptions, load_rates, plan as project, table as render
+    from dwf.plan import Assumptions, load_rates, plan as project, reference_device, table as render
     from dwf.runtime import pick_device
 
     if json_out is not None:
         _refuse_overlap([json_out], [params, *([rates] if rates else [])])
     p = load_params(params)
     profiles = {d: load_params(params, d, set_ or []).profile(d) for d in p.datasets}
-    if rates is None:
+    if rates is not None:
+        rates_path, table = load_rates(rates, "")
+    elif device is None:  # the configuration's own device: the paper's is priced on a GPU
+        rates_path, table = load_rates(None, reference_device(p.datasets))
+    else:
         import torch
 
         dev = pick_device(device)
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         rates_path, table = load_rates(None, name)
-    else:
-        rates_path, table = load_rates(rates, "")
     result = project(p, profiles, table, Assumptions(robust=robust))
     result |= {"params": str(params), "overrides": list(set_ or []), "rates_file": str(rates_path),
                "device": table.get("device")}
-    typer.echo(f"dwf plan: {params} ({', '.join(p.datasets)}; {len(p.runs)} runs), rates "
-               f"{rates_path} ({table.get('device')}), robust share {robust:g} (undefended: 0)")
+    typer.echo(f"dwf plan: {params} ({', '.join(p.datasets)}; {len(p.runs)} runs) priced at "
+               f"{table.get('device')} rates ({rates_path}), robust share {robust:g} (undefended: 0)")
     typer.echo(render(result))
     if json_out is not None:
         _write_json(json_out, result)

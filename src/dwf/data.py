@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dwf.fileio import atomic_write
+from dwf.fingerprint import tensor_digest
 
 DATASETS = ("cifar10", "svhn", "digits")
 NUM_CLASSES = {"cifar10": 10, "svhn": 10, "digits": 10}
@@ -169,6 +170,28 @@ _SOURCES: dict[str, tuple[Callable, str]] = {
 
 # --- files --------------------------------------------------------------------------------
 
+# What each split holds, pinned where git tracks it (issue 23): a manifest travels with its
+# data, so a DVC remote holding poisoned tensors beside a re-hashed manifest passes the
+# manifest's own check; this does not travel with the data. The digest is
+# fingerprint.tensor_digest(x, y) (dtypes, shapes, bytes: the same under any torch version,
+# unlike the file's bytes), checked by every load and by download. cifar10 and svhn are not
+# pinned yet: no machine that wrote this could download them; `dwf download` prints the values.
+SPLIT_DIGESTS: dict[str, dict[str, str]] = {
+    "digits": {"train": "1ab6121609aff44bdffe7ca493f37331ad57d27b5e2e2b23de5401afa36ba93c",
+               "test": "59489c3ae8fe61a421d443e76642d4287cc0d0b7e2ae5e1a0626316af36577fb"},
+}
+
+
+def _check_pinned(name: str, split: str, where: object, x: torch.Tensor, y: torch.Tensor) -> str:
+    """The split's content digest; DataError if it differs from the pinned one."""
+    digest = tensor_digest(x, y)
+    pinned = SPLIT_DIGESTS.get(name, {}).get(split)
+    if pinned is not None and digest != pinned:
+        raise DataError(f"{where}: {name} {split} is not the data this code was pinned to "
+                        f"(content sha256 {digest[:16]}..., dwf.data.SPLIT_DIGESTS {pinned[:16]}...); "
+                        f"{_fix(name)}")
+    return digest
+
 
 # The fields of a manifest's split entry that loading relies on, and their types.
 ENTRY_FIELDS = {"file": str, "sha256": str, "count": int}
@@ -258,6 +281,7 @@ def download(name: str, root: Path, *, progress: bool = True) -> Path:
     manifest = {"dataset": name, "source": source, "splits": {}}
     for split, (x, y) in fetch(d / "raw", progress).items():
         _check_tensors(name, f"{source} {split}", x, y)
+        digest = _check_pinned(name, split, source, x, y)
         path = d / f"{split}.pt"
         buffer = io.BytesIO()
         torch.save({"x": x, "y": y}, buffer)
@@ -270,7 +294,7 @@ def download(name: str, root: Path, *, progress: bool = True) -> Path:
             "class_counts": torch.bincount(y, minlength=NUM_CLASSES[name]).tolist(),
         }
         if progress:
-            print(f"wrote {path} ({len(y)} examples)")
+            print(f"wrote {path} ({len(y)} examples, content sha256 {digest})")
     atomic_write(d / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     return d
 
@@ -295,6 +319,7 @@ def load_split(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.T
     except Exception as err:  # any unpickling failure means the same thing: a bad file
         raise DataError(f"{path} cannot be loaded ({err!r}); {_fix(name)}") from err
     _check_tensors(name, path, x, y)
+    _check_pinned(name, split, path, x, y)
     if len(y) != entry["count"]:
         raise DataError(f"{path} has {len(y)} examples, manifest says {entry['count']}; "
                         f"{_fix(name)}")

@@ -29,7 +29,7 @@ from dwf.fingerprint import code_version, tensor_digest, weights_digest
 from dwf.metricsfile import ATTACKS, FAMILIES, AttackRecord, Records
 from dwf.models import frozen, is_mixture
 from dwf.runtime import derive_seed
-from dwf.workers import Part, run
+from dwf.workers import Part, WorkerDied, run
 
 # (model, x, y, seed) -> x_adv, or {name: x_adv} for an attack that yields several (PGD-10..50)
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor | dict[str, torch.Tensor]]
@@ -159,6 +159,12 @@ class Resume:
         if not valid(saved.get("result")):
             return None, "holds results of an unexpected type or shape"
         return saved["result"], None
+
+    def announce(self) -> None:
+        """Say on stderr how many saved parts this run starts from (a rerun after a kill)."""
+        saved = list(self.folder.glob("*.pt")) if self.folder is not None and self.folder.is_dir() else []
+        if saved:
+            tqdm.write(f"resuming: {len(saved)} saved part(s) in {self.folder}", file=sys.stderr)
 
     def _say(self, line: str) -> None:
         if not self.said:  # one line per evaluation, not one per part
@@ -399,11 +405,12 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
     n_aa = min(cfg.autoattack_n or n, n)
     # what a saved part must match to be reused: the model, the transfer sources, the data,
-    # the code it ran
+    # the code it ran, the CPU thread count its sums ran with (the workers' too, dwf.workers)
     prints = [weights_digest(model), *(f"{k}:{weights_digest(f)}" for k, f in sorted((sources or {}).items())),
-              tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint")
-              ] if state is not None else []
+              tensor_digest(x_u8, y), code_version("dwf.evaluate", "dwf.checkpoint"),
+              f"cpu_threads:{torch.get_num_threads()}"] if state is not None else []
     resume = Resume(state, _key(prints, cfg, seed))
+    resume.announce()
     kw = {"seed": seed, "device": device}
     parts = attack_parts(model, suite, x_u8, y, batch_size=cfg.batch_size, **kw)
     if cfg.autoattack:
@@ -416,7 +423,12 @@ def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eva
         def done(name: str) -> None:
             bar.set_postfix_str(name)
             bar.update()
-        results = run(parts, workers, done)
+        try:
+            results = run(parts, workers, done)
+        except WorkerDied as e:  # the parts that finished are on disk: say so
+            if state is None:
+                raise
+            raise WorkerDied(f"{e}; those are saved in {state}: a rerun resumes") from None
 
     flags = _gather(results, "clean") | {k: v for name in suite for k, v in _gather(results, name).items()}
     records = {"clean": CLEAN, **{k: r for entry in suite.values() for k, r in entry.records.items()}}

@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from dwf.config import DEFENSES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
+from dwf.config import DEFENSES, ROUTING_NAMES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
 from dwf.data import NUM_CLASSES, SHAPE
 
 # (train, test) examples per dataset: torchvision's CIFAR-10 and SVHN, our digits split (data.py)
@@ -64,11 +65,26 @@ def network(model: str) -> str:
     """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18 at
     the profile's width: an expert or a single-network baseline), else the baseline's own name
     (soe, advmoe, vgg19, a ResNet-18 at a width of its own)."""
-    if model == "dwf":
+    if _dwf_weights(model):
         return "mixture"
     if model in DEFENSES and (DEFENSES[model].arch != "resnet18" or DEFENSES[model].arch_settings):
         return model
     return "expert"
+
+
+def _dwf_weights(model: str) -> bool:
+    """DWF's trained mixture, under its own gate or another routing (dwf_<routing>, dwf reroute):
+    the same network, training and transfer sources."""
+    return model == "dwf" or (model.startswith("dwf_") and model[4:] in ROUTING_NAMES)
+
+
+def _hard(model: str) -> bool | None:
+    """Whether a rerouted DWF routes hard (dwf.models.ROUTINGS); None: as its network does."""
+    if model.startswith("dwf_") and _dwf_weights(model):
+        from dwf.models import ROUTINGS
+
+        return ROUTINGS[model[4:]][1]
+    return None
 
 
 def _passes(network: str, times: float = 1.0, **kinds: float) -> Counts:
@@ -187,7 +203,8 @@ MIXTURES = {
 }
 
 
-def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: float) -> Counts:
+def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: float,
+           hard: bool | None = None) -> Counts:
     """The strong suite on n examples: DLR and margin PGD (keep_best: their steps after the
     first on the `robust` share, pgd_cost); for a mixture the gate attack and PGD on each member,
     for a hard-routed one the relaxed-router PGD (priced like keep_best); PGD on each transfer source (an expert). The last three take every step on every example
@@ -205,7 +222,7 @@ def strong(cfg: Any, net: str, members: int, sources: int, n: float, robust: flo
         per += mix.logits(net, members) + _scaled(mix.objective(net, members), k * r)
         per += _passes(net, forward=pgd_cost(k, r, keep_best=False, ranked=True)[1])
         per += _scaled(other(mix.member), members)
-        if mix.hard:  # relaxed_pgd, CE and margin: a check on the model after every iteration
+        if mix.hard if hard is None else hard:  # relaxed_pgd, CE and margin: a check on the model after every iteration
             a_rel, _ = pgd_cost(k, cfg.relax_restarts, robust=robust)
             per += _passes(net, attack=2 * a_rel, forward=2 * (a_rel + 1))
     per += _scaled(other("expert"), sources)
@@ -312,6 +329,16 @@ class Rate:
     source: str
 
 
+# the device whose rates price a configuration when the user names none: the digits study is
+# the CPU profile, the paper's datasets are trained on GPUs (docs/bench/h200.json)
+GPU_REFERENCE = "NVIDIA H200"
+
+
+def reference_device(datasets: Sequence[str]) -> str:
+    """The device a configuration is priced on by default: "cpu" for digits alone, else the GPU."""
+    return "cpu" if set(datasets) <= {"digits"} else GPU_REFERENCE
+
+
 def load_rates(path: Path | None, device: str) -> tuple[Path, dict]:
     """A rate table file: `path`, or the one under docs/bench/ whose "device" is `device`."""
     if path is None:
@@ -393,7 +420,7 @@ class Pricing:
 
 def _members(model: str, params: Params, prof: Profile) -> int:
     """Members of an evaluated mixture (experts, sub-models); 0 for a single network."""
-    if model == "dwf":
+    if _dwf_weights(model):
         return len(params.experts)
     counts = {"soe": "n_submodels", "advmoe": "n_experts"}  # their settings' member count
     return getattr(prof.baselines.get(model), counts[model]) if model in counts else 0
@@ -403,7 +430,7 @@ def system_training(params: Params, dataset: str, prof: Profile, model: str) -> 
     """Passes of the whole training of an evaluated system on `dataset`: DWF's is its experts'
     pretraining plus the joint phase; an expert's (experts/<name>) or a baseline's, its job."""
     n = SPLIT_SIZES[dataset][0]
-    if model == "dwf":
+    if _dwf_weights(model):  # a rerouted DWF: DWF's training, nothing more
         return sum((expert_training(expert_kind(e), prof.expert, n) for e in params.experts),
                    joint_training(prof.joint, n))
     if model.startswith("experts/"):
@@ -453,8 +480,9 @@ def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
     if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
         parts["protocol"] += _passes(net, n, forward=1)
     if cfg.strong:  # on every example; transfer from DWF's own experts
-        sources = len(params.experts) if model == "dwf" else 0
-        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n, robust)
+        sources = len(params.experts) if _dwf_weights(model) else 0
+        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n, robust,
+                                 _hard(model))
     n_aa, n_audit = min(cfg.autoattack_n or n, n), min(cfg.audit_n or n, n)
     if cfg.autoattack:
         parts["autoattack"] = autoattack(cfg, net, n_aa, robust)
@@ -512,6 +540,17 @@ def plan(params: Params, profiles: dict[str, Profile], rates: dict,
             "assumptions": dataclasses.asdict(assume)}
 
 
+def rule_hours(result: dict[str, Any]) -> dict[str, float]:
+    """Hours of the longest job of each pipeline rule (expert, joint, baseline, evaluate): what
+    a cluster's time limit for the rule must allow (scripts/slurm-profile.py writes the SLURM
+    profile's runtimes from it; tests/test_plan.py holds the profiles to it)."""
+    longest: dict[str, float] = {}
+    for r in result["rows"]:
+        rule = r["name"].split()[0]  # "expert pgd", "evaluate dwf": the rule, then the job
+        longest[rule] = max(longest.get(rule, 0.0), r["hours_per_job"])
+    return longest
+
+
 def _row(dataset: str, stage: str, name: str, runs: int, hours: dict[str, float], counts: Counts
          ) -> dict[str, Any]:
     """One (dataset, job kind) line: `runs` jobs of `hours` each (by part)."""
@@ -547,4 +586,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def _h(hours: float) -> str:
-    return f"{hours:.3g}" if hours >= 0.01 else f"{hours * 3600:.3g} s"
+    """Hours as a person reads them: 1,347 / 18.7 / 0.87; under a minute in seconds."""
+    if hours >= 100:
+        return f"{hours:,.0f}"
+    if hours >= 1 / 60:
+        return f"{hours:.3g}"
+    seconds = hours * 3600
+    return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2f} s"

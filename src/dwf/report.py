@@ -4,7 +4,8 @@ Reads the per-run metrics files the evaluate stage writes (headline and details,
 and produces: metrics/summary.json, metrics/models/<dataset>/<model>.json (a row a model for
 `dvc metrics show`), reports/table2.{md,tex} (SA + RA-FGSM), reports/table3.{md,tex}
 (RA-PGD), reports/figures/figure6_<dataset>.png and figure7_<dataset>.png, reports/audit.md, and
-reports/statistics.md (95% intervals, DWF against every model paired by run), reports/verdict.md
+reports/statistics.md (95% intervals, DWF against every model paired by run), reports/verdict.md,
+reports/ablations.md (DWF against its own ablations),
 and figures/cost_<dataset>.png (DWF against systems of its training cost and size, dwf.verdict), and
 reports/comparison.md, which sets our numbers beside the paper's printed ones
 (src/dwf/paper_values.yaml). `publish` writes them all or none.
@@ -429,6 +430,9 @@ def write_reports(summary: dict, out_dir: Path, per_run: dict,
     written.append(p)
     p = out_dir / "verdict.md"
     p.write_text(verdict.page(per_run, DATASET_LABELS))
+    written.append(p)
+    p = out_dir / "ablations.md"
+    p.write_text(verdict.ablation_page(per_run, DATASET_LABELS))
     written.append(p)
     for d, models in per_run.items():
         if verdict.sentences(models):

@@ -10,10 +10,23 @@ import torch
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """CUDA when present (or the device asked for)."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (or the device asked for); ValueError (the CLI's one line, exit 2) for
+    a name torch does not know or a CUDA device this machine does not have."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested}: not a device name (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {requested}: no CUDA device on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {requested}: this machine has {count} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {requested}: dwf runs on cpu or cuda")
+    return dev
 
 
 def configure_determinism() -> None:

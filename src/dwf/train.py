@@ -222,9 +222,11 @@ def _fingerprint(config: dict, meta: dict, inputs: dict[str, str], x_train: torc
                  y_train: torch.Tensor) -> dict[str, Any]:
     """Everything a run's result depends on, part by part: its settings (training config,
     seed, augmentation), the model it builds (meta: architecture and its arguments), the
-    files it starts from, the training data and the code of the modules it runs."""
+    files it starts from, the training data, the code of the modules it runs, and the CPU
+    thread count (a float sum's order, hence a CPU result, depends on it: params cpu_threads)."""
     return fingerprint.plain({
         "settings": config, "model": meta, "inputs": inputs,
+        "cpu_threads": torch.get_num_threads(),
         "data": fingerprint.tensor_digest(x_train, y_train),
         "code": fingerprint.code_version(*STAGE_CODE)})
 

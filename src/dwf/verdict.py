@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from dwf.config.defenses import label
+from dwf.config.defenses import ROUTING_NAMES, label
 
 MATCH = 1.05  # "no more than DWF's": within 5% above (epochs and widths come in whole numbers)
 SIZE = 0.5    # "of DWF's size": at least half its parameters (capacity, not a smaller network)
@@ -133,6 +133,41 @@ def page(per_run: dict[str, PerRun], datasets: dict[str, str]) -> str:
                          f"{_mean(runs, 'clean'):.2f} | {_mean(runs, 'worst_case'):.2f} |")
         lines += ["", f"![worst case against cost and size](figures/cost_{d}.png)", ""]
     return "\n".join(lines)
+
+
+# the ablations of DWF's own training (issue 22): its trained mixture under other routings
+ABLATIONS = tuple(f"dwf_{r}" for r in ROUTING_NAMES)
+
+
+def ablation_page(per_run: dict[str, PerRun], datasets: dict[str, str]) -> str:
+    """reports/ablations.md: DWF against each evaluated ablation of itself, paired by run."""
+    lines = ["# Ablations: what in DWF makes it robust", "",
+             "Written by `dwf aggregate` from the metrics. Each row keeps DWF's trained weights and",
+             "changes one thing; DWF − row: mean of per-run differences (runs paired), its 95%",
+             "interval and the paired t-test's p. Worst case as in reports/verdict.md.", ""]
+    shown = False
+    for d, models in per_run.items():
+        rows = [m for m in ABLATIONS if m in models]
+        if "dwf" not in models or not rows:
+            continue
+        shown = True
+        dwf = models["dwf"]
+        lines += [f"## {datasets.get(d, d)}", "",
+                  "| model | runs | clean | worst case | DWF − it, worst case | what that says |",
+                  "|---|---|---|---|---|---|",
+                  f"| {label('dwf')} | {len(dwf)} | {_mean(dwf, 'clean'):.2f} | "
+                  f"{_mean(dwf, 'worst_case'):.2f} | | |"]
+        for m in rows:
+            runs = models[m]
+            t = paired([r["worst_case"] for r in dwf], [r["worst_case"] for r in runs])
+            interval = "" if t["n"] < 2 else f" ± {t['ci95']:.2f} (p = {t['p']:.3g})"
+            lines.append(f"| {label(m)} | {len(runs)} | {_mean(runs, 'clean'):.2f} | "
+                         f"{_mean(runs, 'worst_case'):.2f} | {t['diff']:+.2f}{interval} | {_outcome(t)} |")
+        lines.append("")
+    if not shown:
+        lines.append("No ablation was evaluated: list " + ", ".join(ABLATIONS) + " in `evaluate_models` "
+                     "(and their routings in `routings`).")
+    return "\n".join(lines) + "\n"
 
 
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

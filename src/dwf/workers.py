@@ -9,16 +9,28 @@ depends on the thread count (params `cpu_threads`), never on the number of worke
 
 Workers are forked: they share the model and data with this process and send back only their
 results. Fork is unsafe once CUDA is initialized, so `count` gives one worker on a GPU.
+
+A worker that dies mid-part (kill -9, the OOM killer) ends `run` within moments with a one-line
+WorkerDied: concurrent.futures notices the death, where a multiprocessing.Pool waits forever
+for the part the worker held (issue 23). The parts finished before are the caller's to
+keep (dwf.evaluate.Resume saves each one in the worker that ran it).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+
+class WorkerDied(ValueError):
+    """A worker process ended mid-run (kill -9, the OOM killer), losing its part. A ValueError so
+    that the CLI's stages print it as one line and exit code 2 (dwf.cli.stage)."""
 
 
 def _any(result: Any) -> bool:
@@ -42,8 +54,8 @@ def _start(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _call(i: int) -> tuple[int, Any]:
-    return i, _PARTS[i].run()
+def _call(i: int) -> Any:
+    return _PARTS[i].run()
 
 
 def count(device: torch.device, requested: int = 0) -> int:
@@ -73,13 +85,37 @@ def run(parts: dict[str, Part], workers: int = 1, done: Callable[[str], None] | 
     else:
         _PARTS = [parts[name] for name in names]
         try:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(workers, len(names)), initializer=_start,
-                          initargs=(torch.get_num_threads(),)) as pool:
-                for i, result in pool.imap_unordered(_call, range(len(names))):
-                    results[names[i]] = result
-                    if done:
-                        done(names[i])
+            results = _in_workers(names, min(workers, len(names)), done)
         finally:
             _PARTS = []
     return {name: results[name] for name in parts}
+
+
+def _in_workers(names: list[str], workers: int, done: Callable[[str], None] | None) -> dict[str, Any]:
+    """_PARTS (named `names`) in `workers` forked processes, each result as it comes."""
+    results: dict[str, Any] = {}
+    # fork: the workers inherit _PARTS' closures (they do not pickle) and the model, uncopied
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start, initargs=(torch.get_num_threads(),))
+    try:
+        futures = {pool.submit(_call, i): name for i, name in enumerate(names)}  # the first forks all
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if done:
+                done(futures[future])
+    except BrokenProcessPool:  # the pool has already ended the other workers
+        raise WorkerDied(f"a worker process died (killed, or out of memory?) with "
+                         f"{len(results)} of {len(names)} parts finished") from None
+    except BaseException:  # a part failed, or Ctrl-C: end the parts still running, not wait
+        _terminate(pool)
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return results
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    # what Pool's exit did and ProcessPoolExecutor.terminate_workers does from Python 3.14;
+    # before it, the worker processes are only reachable through this attribute
+    for process in list((pool._processes or {}).values()):
+        process.terminate()

@@ -4,8 +4,8 @@ depends on the parts that change its results (dvc.yaml): base (errors, validatio
 params (the file and its loading).
 """
 
-from dwf.config.base import EXPERT_KINDS, EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check_name
-from dwf.config.defenses import DEFENSES, Baselines, Defense, arch_kwargs
+from dwf.config.base import EXPERT_KINDS, EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check_name, choice
+from dwf.config.defenses import DEFENSES, ROUTING_NAMES, Baselines, Defense, arch_kwargs
 from dwf.config.evaluate import AUTOATTACK_VERSIONS, EvalConfig
 from dwf.config.params import (DATASETS, NORMALIZATIONS, Params, Profile, expert_kind, load_params,
                                parse_params)
@@ -15,7 +15,7 @@ from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoECon
 
 __all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
            "ConfigError", "DATASETS", "DEFENSES", "Defense", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
-           "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "SoEConfig",
+           "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "ROUTING_NAMES", "SoEConfig",
            "TradesConfig", "TrainConfig", "WideAdvTrainConfig", "WideTradesConfig", "ZooConfig",
-           "arch_kwargs", "check_name", "expert_kind",
+           "arch_kwargs", "check_name", "choice", "expert_kind",
            "load_params", "parse_params"]

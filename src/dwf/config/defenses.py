@@ -103,8 +103,15 @@ class Baselines:
         return self.by_name[name]
 
 
+# DWF's trained weights under other routing decisions (issue 22, ablation (a)): params
+# `routings`, models `dwf_<routing>`; the decisions themselves are dwf.models.ROUTINGS (same names)
+ROUTING_LABELS = {"uniform": "DWF, its experts' uniform average (no gate)",
+                  "top1": "DWF, top-1 routing by its gate"}
+ROUTING_NAMES = tuple(ROUTING_LABELS)
+
 # the models that are not rows of the registry
-MODEL_LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)"}
+MODEL_LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)",
+                **{f"dwf_{r}": text for r, text in ROUTING_LABELS.items()}}
 
 
 def label(model: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 
 from dwf.config.base import (EXPERT_NAME, MAX_WIDTH, MODEL_NAME, ConfigError, at_most,
                              check, check_name, choice, nonempty, positive)
-from dwf.config.defenses import DEFENSES, Baselines
+from dwf.config.defenses import DEFENSES, ROUTING_NAMES, Baselines
 from dwf.config.evaluate import EvalConfig
 from dwf.config.train import TrainConfig
 from dwf.data import SHAPE
@@ -63,6 +63,8 @@ class Params:
     experts: tuple[str, ...]
     profiles: dict[str, Profile]
     baselines: tuple[str, ...] = ()  # systems the pipeline trains per dataset and run (Tables 2-3)
+    # DWF's trained mixture under other routing decisions (dwf reroute), models dwf_<routing>
+    routings: tuple[str, ...] = ()
     evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
     data_root: str = "data"
     # intra-op threads of CPU kernels: a float sum's order, hence a CPU result, depends on it,
@@ -87,7 +89,10 @@ class Params:
             choice(b, "baselines", tuple(DEFENSES))
             for d in self.datasets:
                 self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
-        models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines)
+        for r in self.routings:
+            choice(r, "routings", ROUTING_NAMES)
+        models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines,
+                  *(f"dwf_{r}" for r in self.routings))
         for m in self.evaluate_models:
             check_name(m, "evaluate_models", MODEL_NAME)
             choice(m, "evaluate_models", models)

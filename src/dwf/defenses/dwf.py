@@ -149,3 +149,28 @@ def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, 
                   device=device, progress=progress, desc=f"{out.stem} (joint)", inputs=digests)
     finish_stage(out, moe, meta, cfg, seed, history)
     return history
+
+
+def reroute(mixture_path: Path, routing: str, *, dataset: str, out: Path) -> None:
+    """Ablation (a) of issue 22: write DWF's trained mixture under another routing decision
+    (dwf.models.ROUTINGS: its experts' uniform average, or top-1 by its gate) as a checkpoint
+    of its own, so the pipeline evaluates it like any model. No training: same weights.
+
+    Args:
+        mixture_path: DWF's checkpoint (arch softmoe).
+        routing: a name in dwf.models.ROUTINGS.
+        out: the checkpoint to write; a pure function of the mixture's bytes and `routing`.
+    """
+    ckpt, digest = checkpoint.read(mixture_path)
+    if ckpt["arch"] != "softmoe" or ckpt.get("dataset") != dataset:
+        raise checkpoint.CheckpointError(f"{mixture_path}: not a DWF mixture trained on {dataset!r} "
+                                         f"(arch {ckpt['arch']!r}, dataset {ckpt.get('dataset')!r})")
+    kwargs = {"routing": routing, **ckpt["arch_kwargs"]}
+    model = models.build("routed_moe", **kwargs)  # ValueError for an unknown routing
+    model.mixture.load_state_dict(checkpoint.model_from(ckpt, mixture_path).state_dict())
+    checkpoint.save(out, {"arch": "routed_moe", "arch_kwargs": kwargs, "dataset": dataset,
+                          "defense": f"dwf_{routing}", "experts": ckpt.get("experts", []),
+                          "state_dict": model.state_dict(), "epoch": ckpt.get("epoch", 0),
+                          "config": {"routing": routing, "mixture": {"sha256": digest,
+                                                                      **ckpt["config"]}},
+                          "history": ckpt.get("history", [])})

@@ -9,13 +9,13 @@ from typing import Any, Callable
 from torch import nn
 
 from dwf.models.advmoe import ADVMoEResNet18
-from dwf.models.moe import Router, SoftMoE
+from dwf.models.moe import ROUTINGS, RoutedMoE, Router, SoftMoE
 from dwf.models.resnet import Normalize, ResNet18
 from dwf.models.soe import SoE
 from dwf.models.zoo import ZOO
 
-__all__ = ["ARCHITECTURES", "ZOO", "build", "frozen", "is_mixture", "ADVMoEResNet18", "Normalize", "ResNet18",
-           "Router", "SoE", "SoftMoE"]
+__all__ = ["ARCHITECTURES", "ROUTINGS", "ZOO", "build", "frozen", "is_mixture", "ADVMoEResNet18", "Normalize",
+           "ResNet18", "RoutedMoE", "Router", "SoE", "SoftMoE"]
 
 
 def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 128),
@@ -24,9 +24,15 @@ def _softmoe(n_experts: int, expert: dict[str, Any], router_hidden=(1024, 512, 1
     return SoftMoE(experts, expert["mean"], expert["std"], router_hidden, input_shape)
 
 
+def _routed_moe(routing: str, **mixture: Any) -> RoutedMoE:
+    """DWF's mixture (softmoe's arguments) under another routing decision (ablation (a))."""
+    return RoutedMoE(_softmoe(**mixture), routing)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "softmoe": _softmoe,
+    "routed_moe": _routed_moe,
     "soe": SoE,
     "advmoe_resnet18": ADVMoEResNet18,
     **ZOO,  # the paper's benign baselines (models/zoo.py): vgg19, resnet34, ..., mobilenet_v2

@@ -121,3 +121,56 @@ class SoftMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.route(x, lambda s: torch.softmax(s, dim=-1))  # (N, C), eq. 1
+
+
+# Ablation (a) of issue 22, on DWF's trained weights: the routing decision replaced, experts
+# and router untouched. Name -> (scores (N, E) -> weights (N, E), whether it routes hard).
+ROUTINGS: dict[str, tuple[Gate, bool]] = {
+    # no gate: the plain average of the experts' logits
+    "uniform": (lambda s: torch.full_like(s, 1.0 / s.shape[-1]), False),
+    # each image to the one expert its gate weighs most: an argmax, no useful gradient
+    "top1": (lambda s: nn.functional.one_hot(s.argmax(-1), s.shape[-1]).to(s.dtype), True),
+}
+
+
+class RoutedMoE(nn.Module):
+    """A trained SoftMoE whose softmax gate is replaced by another routing decision (ROUTINGS).
+
+    The mixture interface is the SoftMoE's, with the new decision in `forward` and
+    `gate_weights`; `route(x, gate)` still takes any decision, so the router-relaxation attack
+    (dwf.adaptive.relaxed_pgd) reaches through a hard one (`hard_routing`).
+
+    Args:
+        mixture: the trained mixture (its weights are this model's, under `mixture.`).
+        routing: a name in ROUTINGS.
+    """
+
+    def __init__(self, mixture: SoftMoE, routing: str):
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+        self.mixture, self.routing = mixture, routing
+        self.decide, self.hard_routing = ROUTINGS[routing]
+
+    @property
+    def n_experts(self) -> int:
+        return self.mixture.n_experts
+
+    def expert(self, i: int) -> nn.Module:
+        return self.mixture.expert(i)
+
+    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixture.expert_logits(x)  # (N, E, C)
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights this routing gives, (N, E)."""
+        return self.decide(self.mixture.router.logits(self.mixture.normalize(x)))
+
+    def route(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+        return self.mixture.route(x, gate)
+
+    def capture_key(self, x: torch.Tensor) -> bool:
+        return self.mixture.capture_key(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixture.route(x, self.decide)  # (N, C)
