@@ -94,10 +94,11 @@ def test_corrupt_mistyped_or_stale_resume_batches_are_recomputed(root, plain, tm
     torch.save({"key": key, "result": {"pgd/10": "yes"}}, second)
     capsys.readouterr()
     again = ev.evaluate(plain, x, y, **kw)
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("resuming: ") and "saved part(s)" in err[0]  # what the rerun found
     # said once, for whichever of the two broken parts was reached first
-    assert len(err.splitlines()) == 1, err
-    assert "0__clean.pt: unreadable" in err or "1__pgd.pt: holds results of an unexpected" in err
+    assert len(err) == 2, err
+    assert "0__clean.pt: unreadable" in err[1] or "1__pgd.pt: holds results of an unexpected" in err[1]
     assert again == metrics
 
     other = ev.evaluate(plain, x[24:], y[24:], **kw)  # other images: the saved batches are stale
