@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dwf.fileio import atomic_write
+from dwf.fileio import atomic_write, load_failure
 
 DATASETS = ("cifar10", "svhn", "digits")
 NUM_CLASSES = {"cifar10": 10, "svhn": 10, "digits": 10}
@@ -293,7 +293,8 @@ def load_split(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.T
         tensors = torch.load(io.BytesIO(blob), weights_only=True)  # the bytes just verified
         x, y = tensors["x"], tensors["y"]
     except Exception as err:  # any unpickling failure means the same thing: a bad file
-        raise DataError(f"{path} cannot be loaded ({err!r}); {_fix(name)}") from err
+        raise DataError(f"{path} cannot be loaded ({load_failure(err, 'tensor file')}); "
+                        f"{_fix(name)}") from err
     _check_tensors(name, path, x, y)
     if len(y) != entry["count"]:
         raise DataError(f"{path} has {len(y)} examples, manifest says {entry['count']}; "
