@@ -4,6 +4,7 @@ pipeline's outputs or their own inputs), and its one-line, exit-code-2 input err
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,8 @@ def test_reroute_writes_dwf_under_another_routing_and_evaluate_attacks_it(projec
 
 @pytest.mark.parametrize("args, says", [
     (["--routing", "top2"], "--routing"),
-    (["--routing", "uniform", "--mixture", "models/digits/run0/experts/benign.pt"], "not a DWF mixture"),
+    (["--routing", "uniform", "--mixture", "models/digits/run0/experts/benign.pt", "--out", "u.pt"],
+     "not a DWF mixture"),
 ])
 def test_reroute_refuses_what_it_cannot_reroute(project, args, says):
     r = dwf("reroute", *args, "--params", "params.yaml", "--dataset", "digits")
@@ -213,6 +215,65 @@ def test_evaluate_out_equal_to_an_input_is_refused(project, digits_root, victim)
     assert before == {k: Path(v).stat().st_mtime_ns for k, v in inputs.items()}
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+EVAL = str(paths.evaluation("digits", 0, "dwf"))
+
+
+@pytest.mark.parametrize("args, says", [
+    # issue 23, item 5: what overwrote the digits study
+    (["evaluate", "--model", "dwf", "--set", "evaluate.n_examples=20"],
+     f"--set makes this an ad-hoc run, which may not write {EVAL}"),
+    (["evaluate", "--model", "experts/benign", "--out", "models/digits/run0/dwf.pt"],
+     "not this command's own output"),
+    (["train-expert", "--expert", "benign", "--set", "expert.epochs=1"],
+     "benign.pt (the pipeline's models/)"),
+    # an --out among the pipeline's, its own default included, once the run is ad hoc
+    (["train-expert", "--expert", "benign", "--set", "expert.epochs=1", "--out", "models/x.pt"], "--set"),
+    (["evaluate", "--checkpoint", "models/digits/run0/dwf.pt", "--out", EVAL], "--checkpoint"),
+    (["evaluate", "--checkpoint", "models/digits/run0/dwf.pt"], "dwf.eval.json (the pipeline's models/)"),
+    (["train-joint", "--experts-dir", "models/digits/run0/experts"], "--experts-dir"),
+    (["forensics", "--steps", "1"], "--steps"),
+    (["reroute", "--routing", "top1", "--mixture", "models/digits/run0/dwf.pt"], "--mixture"),
+    (["audit", "--model", "experts/benign", "--out", "reports/audit.json"], "reports/"),
+    (["aggregate", "--summary", "s.json"], "models (the pipeline's models/)"),  # its rows beside it
+    (["plan", "--json", "metrics/runs/plan.json"], "metrics/runs/"),
+])
+def test_adhoc_runs_do_not_write_pipeline_outputs(project, monkeypatch, args, says):
+    """Only the pipeline's own invocation writes where the pipeline does: a run with --set or
+    an input of its own choosing names --out outside the pipeline's folders, and no command
+    writes a pipeline output that is another's. Refused in one line before any work."""
+    _fake_training(monkeypatch, [])
+    Path(EVAL).parent.mkdir(parents=True, exist_ok=True)
+    Path(EVAL).write_text("pipeline's")
+    before = _files(project)
+    _one_line_error(dwf(*args, "--params", "params.yaml"), says)
+    assert _files(project) == before
+
+
+def test_the_pipeline_s_invocation_may_name_its_own_output(project):
+    own = paths.model("digits", 0, "dwf_uniform")
+    _ok(dwf("reroute", "--routing", "uniform", "--out", str(own), "--params", "params.yaml"))
+    assert load_model(own).routing == "uniform"
+
+
+def test_the_pipeline_s_commands_are_its_own_invocation():
+    """The refusals above never meet the pipeline: dvc.yaml (the paper's, each study's) and the
+    Snakefile run every dwf command with no --set and no input of their choosing (`dvc exp run
+    -S` edits params.yaml instead)."""
+    root = Path(__file__).resolve().parents[1]
+    commands = [stage.get("cmd") or stage["do"]["cmd"]  # a foreach stage's is under do:
+                for f in (root / "dvc.yaml", *root.glob("studies/*/dvc.yaml"))
+                for stage in yaml.safe_load(f.read_text())["stages"].values()]
+    commands += re.findall(r'shell:\s*((?:"[^"\n]*"\s*)+)', (root / "Snakefile").read_text())
+    assert len(commands) >= 26  # 9 stages a dvc.yaml, 8 rules
+    for c in commands:
+        for option in ("--set", "--checkpoint", "--experts-dir", "--mixture", "--surrogate", "--steps"):
+            assert option not in c, c
+
+
 # ---------------------------------------------------------------- transfer sources
 
 
@@ -233,6 +294,34 @@ def test_missing_transfer_source_is_exit_2(project):
     _one_line_error(dwf("evaluate", *P), "pgd_0.pt", "not found")
     assert not paths.evaluation("digits", 0, "dwf").exists()
     assert not details_path(paths.evaluation("digits", 0, "dwf")).exists()
+
+
+@pytest.mark.parametrize("listed", ["/etc/hostname", "../outside.txt",
+                                    "models/digits/run0/experts/../../../../../outside.txt",
+                                    "/x/models/digits/run0/experts/../../../../../etc/hostname"])
+def test_a_mixture_s_listed_experts_are_checked_before_any_is_opened(project, monkeypatch, listed):
+    """Issue 23, item 6: a mixture from elsewhere listing another file as its expert is refused
+    in one line, and that file is never read (torch's complaint about it would leak its bytes)."""
+    from dwf import checkpoint
+
+    Path("../outside.txt").write_text("secret")
+    ckpt = checkpoint.load(paths.model("digits", 0, "dwf"))
+    ckpt["experts"] = [str(paths.expert("digits", 0, "benign")), listed]
+    evil = paths.model("digits", 0, "evil")
+    torch.save(ckpt, evil)
+    read, opened = checkpoint.read, []
+    monkeypatch.setattr(checkpoint, "read", lambda path: opened.append(Path(path)) or read(path))
+    _one_line_error(dwf("evaluate", "--checkpoint", str(evil), "--out", "e.json", *P),
+                    f"lists {listed!r} as an expert", "nothing opened")
+    assert opened == [evil]
+
+
+def test_surrogate_with_the_strong_suite_off_is_refused(project):
+    """Issue 23, item 6: --surrogate asks for transfer attacks, which evaluate.strong = false
+    leaves out; a missing file was ignored and the metrics said nothing of it."""
+    _one_line_error(dwf("evaluate", "--model", "experts/benign", "--surrogate", "nope.pt", "--set",
+                        "evaluate.strong=false", "--out", "e.json", *P), "--surrogate")
+    assert not Path("e.json").exists()
 
 
 def _one_line_error(result, *needles):

@@ -212,8 +212,26 @@ def test_missing_or_broken_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
         load_params(bad)
+    assert len(str(err.value).splitlines()) == 1 and "line 2" in str(err.value)
+
+
+@pytest.mark.parametrize("item, says", [
+    ("width=[1,", "expected the node content"),
+    ("width=!!python/object:os.system x", "could not determine a constructor for the tag"),
+    ("width=!!python/object/apply:os.system ['touch PWNED']", "could not determine a constructor"),
+])
+def test_set_values_that_are_not_plain_yaml_are_one_line(item, says, tiny_params, tmp_path,
+                                                          monkeypatch):
+    """Issue 23, item 6: both ended in a traceback; a tag builds nothing (safe_load)."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train-expert", "--expert", "benign", "--set", item, "--params",
+                                 str(tiny_params), "--out", "x.pt"])
+    err = r.stderr.strip()
+    assert r.exit_code == 2 and len(err.splitlines()) == 1, r.output
+    assert err.startswith(f"error: --set {item!r}: not valid YAML (") and says in err
+    assert [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
 
 
 # ---------------------------------------------------------------- names from DVC, not a shell

@@ -203,6 +203,25 @@ def test_the_pinned_digests_are_what_the_download_makes(tmp_path):
         assert tensor_digest(*data.load_split("digits", tmp_path, split)) == pinned
 
 
+class _Payload:
+    """A class of this module: unpickling it would import and run code."""
+
+
+def test_a_split_that_needs_code_to_load_is_refused_without_torch_s_advice(tmp_path):
+    """Issue 23, item 6: the loader repeated torch's advice to load with weights_only=False."""
+    d = data.download("digits", tmp_path, progress=False)
+    torch.save({"x": _Payload(), "y": torch.zeros(2, dtype=torch.int64)}, d / "test.pt")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["splits"]["test"]["sha256"] = hashlib.sha256((d / "test.pt").read_bytes()).hexdigest()
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        data.load_split("digits", tmp_path, "test")
+    message = str(err.value)
+    assert "test.pt cannot be loaded (refused: " in message and "_Payload" in message
+    assert len(message.splitlines()) == 1 and "weights_only" not in message
+    assert "can still be loaded" not in message
+
+
 # --- CIFAR-10 and SVHN through the real torchvision code, offline --------------------------
 
 

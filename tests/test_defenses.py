@@ -331,7 +331,7 @@ def test_cli_evaluates_an_external_torchvision_model(tiny_params, tmp_path, monk
     assert metrics["external"] == "resnet18" and metrics["n_examples"] == 16
     assert 0 <= metrics["worst_case"] <= metrics["clean"] <= 100
     wrong = runner.invoke(app, ["evaluate", "--external", "vgg11", "--weights", str(weights),
-                                "--params", str(tiny_params), "--out", str(out), "--quiet"])
+                                "--params", str(tiny_params), "--out", "vgg11.json", "--quiet"])
     assert wrong.exit_code == 2 and "does not fit" in wrong.output
 
 

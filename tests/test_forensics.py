@@ -215,14 +215,14 @@ def _project(tmp_path, tiny_params):
 def test_cli_writes_the_sweep_and_prints_the_section(tmp_path, tiny_params, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _project(tmp_path, tiny_params)
-    r = CliRunner().invoke(app, ["forensics", "--params", str(tiny_params), "--quiet",
-                                 "--set", "evaluate.n_examples=8", "--steps", "2", "--steps", "1"],
+    r = CliRunner().invoke(app, ["forensics", "--params", str(tiny_params), "--quiet"],
                             catch_exceptions=False)
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "metrics/forensics/digits/run0.json").read_text())
     assert set(saved["models"]) == {"experts/benign", "dwf"}
     assert saved["models"]["experts/benign"]["variants"]["softmax_mixture"] is None
-    assert saved["steps"] == [1, 2] and saved["eps"] == 0.1 and saved["n_examples"] == 8
+    assert saved["steps"] == list(forensics.STEPS) and saved["eps"] == 0.1
+    assert saved["n_examples"] == 40  # the params' evaluate.n_examples
     assert saved["section"] == forensics.section(saved, label) and saved["section"] in r.stdout
     assert "DWF (ours)" in saved["section"]  # the tables' labels, not the pipeline's names
 

@@ -232,6 +232,37 @@ def test_corrupt_metrics_file_is_one_line_naming_it(study, damage):
         _one_line_error(dwf(*cmd), str(broken))
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_aggregate_refuses_runs_evaluated_on_other_numbers_of_examples(study, model):
+    """Issue 23: an ad-hoc 20-example evaluation among the study's 360-example ones (of any
+    model: a table's rows and the paired comparisons hold over the same images) is refused,
+    and the published outputs stay as they were."""
+    _ok(dwf("aggregate", "--params", "params.yaml"))
+    before = snapshot(study)
+    odd = paths.evaluation("digits", 1, model)
+    write_metrics(odd, synthetic_metrics(7, n=20) | COSTS[model])
+    err = _one_line_error(dwf("aggregate", "--params", "params.yaml"), str(odd), "20 test examples")
+    assert str(paths.evaluation("digits", 0, "dwf")) in err and "on 50" in err
+    assert snapshot(study) == before
+
+
+@pytest.mark.parametrize("where, value", [("headline", float("nan")), ("headline", 250.0),
+                                          ("headline", -1.0), ("details", 100.5)])
+def test_accuracies_outside_0_100_are_refused(study, where, value):
+    """Issue 23: `clean: NaN` or `250` in a metrics file (or an attack's 100.5 in its details)
+    is no accuracy an evaluation gives: aggregate and table refuse it in one line."""
+    path = paths.evaluation("digits", 1, "dwf")
+    metrics = synthetic_metrics(3) | COSTS["dwf"]
+    if where == "headline":
+        metrics["clean"] = value
+    else:
+        metrics["pgd"]["10"] = value
+    write_metrics(path, metrics)
+    name = "clean" if where == "headline" else "pgd/10"
+    for cmd in (["table", str(path)], ["aggregate", "--params", "params.yaml"]):
+        _one_line_error(dwf(*cmd), str(path), f"accuracy {name} = ", "[0, 100]")
+
+
 def _runs(values: dict[str, list[float]]) -> dict:
     return {"digits": {m: [{"clean": 90.0 + i, "worst_case": v, "n_examples": 360}
                            for i, v in enumerate(vs)] for m, vs in values.items()}}

@@ -215,6 +215,20 @@ def test_bad_checkpoint_exits_2_with_one_line_naming_the_file(tiny_params, tmp_p
     assert lines[0].startswith(f"error: {bad}: ") and needle in lines[0]
 
 
+def test_more_examples_than_the_test_split_is_refused_not_recorded(tiny_params, tmp_path,
+                                                                    trained_model_path):
+    """Issue 23, item 6: evaluate.n_examples = 10^9 ran the 360 test digits and recorded 10^9."""
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["evaluate", "--params", str(tiny_params), "--checkpoint",
+                                      str(trained_model_path), "--out", str(out), "--quiet",
+                                      "--set", "evaluate.n_examples=1000000000",
+                                      "--set", "evaluate.strong=false"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert "evaluate.n_examples: expected at most the 360 test examples" in lines[0]
+    assert not out.exists()
+
+
 def test_manifest_missing_a_field_exits_2_naming_file_and_field(tiny_params, tmp_path):
     root = tmp_path / "data"
     manifest = data.download("digits", root, progress=False) / "manifest.json"
@@ -254,6 +268,7 @@ def test_bad_cli_options_are_one_line_and_exit_2():
     """Through the console entry (`python -m dwf`), not only through typer's test runner."""
     for args, needle in ((["train-expert", "--run", "abc"], "--run"),
                          (["evaluate", "--run", "-1"], "--run"),
+                         (["forensics", "--steps", "1000000000"], "--steps"),  # issue 23: a bound
                          (["no-such-stage"], "no-such-stage")):
         proc = _dwf(*args)
         _, err = proc.communicate(timeout=120)

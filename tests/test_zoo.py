@@ -14,7 +14,7 @@ from dwf import data, models
 from dwf.checkpoint import CheckpointError
 from dwf.config import TrainConfig
 from dwf.defenses.dwf import benign_batch
-from dwf.defenses.external import PUBLISHED, load_external, to_ours
+from dwf.defenses.external import PUBLISHED, build_external, load_external, to_ours
 from dwf.models.zoo import ZOO
 from dwf.train import fit
 
@@ -192,8 +192,21 @@ class Payload:
 
 def test_a_file_that_needs_code_to_load_is_refused(tmp_path):
     torch.save({"net": {"classifier.weight": torch.zeros(10, 512)}, "acc": Payload()}, tmp_path / "w.pth")
-    with pytest.raises(CheckpointError, match="not a loadable state dict"):
+    with pytest.raises(CheckpointError) as err:
         load_external("juraev:vgg19", tmp_path / "w.pth", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
+    message = str(err.value).removeprefix(f"{tmp_path / 'w.pth'}: ")
+    assert message.startswith("refused: ") and "Payload" in message and len(message.splitlines()) == 1
+    # torch's advice (issue 23): "This file can still be loaded ... weights_only=False"
+    assert "can still be loaded" not in message and "weights_only" not in message
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    """Issue 23, item 6: a NaN weight was evaluated (clean 0.00%, exit 0)."""
+    state = build_external("resnet18", 10).state_dict()
+    state["fc.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match=r"w.pth: weight 'fc.bias' is not finite"):
+        load_external("resnet18", tmp_path / "w.pth", num_classes=10, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def _kuangliu_densenet(sd: dict, x: torch.Tensor, blocks) -> torch.Tensor:

@@ -16,7 +16,6 @@ import hashlib
 import io
 import math
 import platform
-import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from dwf import __version__, models
-from dwf.fileio import atomic_write
+from dwf.fileio import atomic_write, load_failure
 
 FORMAT = "dwf-checkpoint/1"
 REQUIRED = ("format", "arch", "arch_kwargs", "state_dict")
@@ -104,7 +103,7 @@ def read(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         ckpt = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated zip, not a torch file ...
-        raise CheckpointError(f"{path}: {_reason(e)}") from None
+        raise CheckpointError(f"{path}: {load_failure(e, 'dwf checkpoint')}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dwf checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ckpt]
@@ -113,25 +112,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], str]:
     if ckpt["arch"] not in models.ARCHITECTURES:
         raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r}")
     check_arch_kwargs(ckpt["arch_kwargs"], path)
-    _check_weights(ckpt["state_dict"], path)
+    check_weights(ckpt["state_dict"], path)
     return ckpt, hashlib.sha256(blob).hexdigest()
-
-
-# torch's safe unpickler names what it refused on one of many lines of advice (which suggests
-# turning the safety off); keep only that cause: "unsupported GLOBAL posix.system ..."
-_REFUSED = re.compile(r"unsupported (?:global|operand|class)\b[^\n]*", re.IGNORECASE)
-
-
-def _reason(e: Exception) -> str:
-    """Why torch.load failed, in one line that never advises loading unsafely."""
-    text = str(e)
-    refused = _REFUSED.search(text)
-    if refused or "weights only load failed" in text.lower():
-        cause = re.split(r"\.\s*Please use", refused.group(0))[0] if refused else "not plain data"
-        return (f"refused: it needs more than tensors and plain values to load "
-                f"({cause.strip()[:200]}); nothing in it was executed")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"not a loadable dwf checkpoint ({(lines[0] if lines else type(e).__name__)[:200]})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +182,7 @@ def check_arch_kwargs(kwargs: Any, path: str | Path, where: str = "arch_kwargs")
                                   f"{ARCH_KWARGS[key]}")
 
 
-def _check_weights(state: Any, path: Path) -> None:
+def check_weights(state: Any, path: str | Path) -> None:
     """A state dict is a dict of tensors, and every floating-point one is finite."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: state_dict is not a dict")

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from dwf.config import DEFENSES  # the registry of baselines: --defense's choices
+from dwf.config.base import MAX_BATCH, MAX_STEPS, MAX_WIDTH  # bounds of the counts options take
 
 # rich_markup_mode=None: help texts print as written (click's plain formatter); rich's markup
 # would eat "[clean, FGSM, PGD]" as a style tag (tests/test_cli.py renders every command's help)
@@ -116,7 +117,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _outputs(named: dict[str, Optional[Path]], pipeline: list[Path], beside: list[str], *,
-             inputs: list[Optional[Path]], adhoc: Optional[Path] = None) -> list[Path]:
+             inputs: list[Optional[Path]], adhoc: Optional[Path] = None,
+             departs: Optional[dict[str, object]] = None) -> list[Path]:
     """Where a command writes: nothing the pipeline owns is written by an ad-hoc command.
 
     Args:
@@ -128,6 +130,8 @@ def _outputs(named: dict[str, Optional[Path]], pipeline: list[Path], beside: lis
             x.history.json), or for the main one, from `adhoc` (--checkpoint x.pt -> x.eval.json).
         inputs: every file or folder the command reads (_refuse_overlap).
         adhoc: an input named instead of the pipeline's (--checkpoint); outputs go beside it.
+        departs: the options the pipeline's command line lacks, as given ({"--set": [...]});
+            any set makes this run ad hoc (_refuse_pipeline).
     Returns:
         the output paths, in the order of `named`.
     """
@@ -143,7 +147,35 @@ def _outputs(named: dict[str, Optional[Path]], pipeline: list[Path], beside: lis
     else:
         outs = [main] + [path or main.with_suffix(s) for (_, path), s in zip(companions, beside[1:])]
     _refuse_overlap(outs, inputs)
+    _refuse_pipeline(outs, pipeline, departs)
     return outs
+
+
+def _refuse_pipeline(outputs: list[Path], own: list[Path],
+                     departs: Optional[dict[str, object]] = None) -> None:
+    """Pipeline outputs (paths.PIPELINE_OUTPUTS) are written only by the pipeline's own
+    invocation: a command's own default outputs (`own`), on the pipeline's command line. A run
+    with any of `departs` given (--set, an input of its choosing) would replace a tracked
+    result with one of other settings (issue 23: a 20-example evaluation over the study's 360,
+    JSON over a checkpoint)."""
+    import os
+
+    from dwf import paths
+
+    given = [flag for flag, value in (departs or {}).items() if value]
+    mine = {Path(os.path.abspath(p)) for p in own}
+    shown = {p: str(p) + ("" if p.suffix else "/") for p in paths.PIPELINE_OUTPUTS}
+    instead = ", ".join(shown.values())
+    for o in outputs:
+        place = paths.pipeline_output(o)
+        if place is None:
+            continue
+        if given:
+            raise ValueError(f"{given[0]} makes this an ad-hoc run, which may not write {o} (the "
+                             f"pipeline's {shown[place]}); name --out outside {instead}")
+        if Path(os.path.abspath(o)) not in mine:
+            raise ValueError(f"{o} (the pipeline's {shown[place]}) is not this command's own "
+                             f"output; name one outside {instead}")
 
 
 def _refuse_overlap(outputs: list[Path], inputs: list[Optional[Path]]) -> None:
@@ -269,7 +301,8 @@ def train_expert(expert: Annotated[Optional[str], typer.Option(
         _fail(f"--expert: {expert!r} is not in params experts ({', '.join(p.experts)})")
     out, history = _outputs({"--out": out, "--history": history},
                             [paths.expert(dataset, run, expert), paths.history(dataset, run, expert)],
-                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset])
+                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset],
+                            departs={"--set": set_})
     x, y = load_split(dataset, Path(p.data_root), "train")
     curve = train(expert_kind(expert), x, y, cfg=prof.expert, arch_kwargs=_arch(dataset, prof),
                   dataset=dataset, seed=derive_seed(p.seed, run, dataset, "expert", expert),
@@ -300,7 +333,8 @@ def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
     out, history = _outputs({"--out": out, "--history": history},
                             [paths.model(dataset, run, "dwf"), paths.history(dataset, run, "dwf")],
                             [".pt", ".history.json"],
-                            inputs=[params, Path(p.data_root) / dataset, *experts])
+                            inputs=[params, Path(p.data_root) / dataset, *experts],
+                            departs={"--set": set_, "--experts-dir": experts_dir})
     if paths.project_root(out) != Path.cwd():  # kept in the mixture for transfer attacks:
         experts = [e.absolute() for e in experts]  # relative to its project root, or absolute
     x, y = load_split(dataset, Path(p.data_root), "train")
@@ -330,7 +364,8 @@ def reroute(routing: Annotated[Optional[str], typer.Option(
     p.profile(dataset)
     source = mixture or paths.model(dataset, run, "dwf")
     (out,) = _outputs({"--out": out}, [paths.model(dataset, run, f"dwf_{routing}")],
-                      [f".{routing}.pt"], inputs=[params, source], adhoc=mixture)
+                      [f".{routing}.pt"], inputs=[params, source], adhoc=mixture,
+                      departs={"--mixture": mixture})
     write(source, routing, dataset=dataset, out=out)
     typer.echo(f"wrote {out}")
 
@@ -360,7 +395,8 @@ def train(defense: Annotated[Optional[str], typer.Option(
     cfg = prof.baselines.get(defense)
     out, history = _outputs({"--out": out, "--history": history},
                             [paths.model(dataset, run, defense), paths.history(dataset, run, defense)],
-                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset])
+                            [".pt", ".history.json"], inputs=[params, Path(p.data_root) / dataset],
+                            departs={"--set": set_})
     x, y = load_split(dataset, Path(p.data_root), "train")
     curve = train_defense(defense, x, y, cfg=cfg, arch_kwargs=_arch(dataset, prof), dataset=dataset,
                           seed=derive_seed(p.seed, run, dataset, "defense", defense), flip=prof.flip,
@@ -410,9 +446,13 @@ def evaluate(model_name: Annotated[str, typer.Option(
     sources = {}  # transfer attacks are part of the strong suite
     if prof.evaluate.strong:
         sources = _transfer_sources(None if external else checkpoint, surrogate or [])
+    elif surrogate:  # asked for, would not run: the metrics would say otherwise than asked
+        _fail("--surrogate: transfer attacks belong to the strong suite, which evaluate.strong "
+              "= false turns off; drop --surrogate or set evaluate.strong=true")
     inputs = [params, Path(p.data_root) / dataset, checkpoint, *sources.values()]
     (out,) = _outputs({"--out": out}, [paths.evaluation(dataset, run, model_name)], [".eval.json"],
-                      inputs=inputs, adhoc=adhoc)
+                      inputs=inputs, adhoc=adhoc,
+                      departs={"--set": set_, "--checkpoint": adhoc, "--surrogate": surrogate})
     state = out.with_name(out.name + ".resume")  # per-batch results while it runs (git-ignored)
     _refuse_overlap([details_path(out), state], inputs)
     if external:
@@ -447,14 +487,18 @@ def _transfer_sources(checkpoint: Optional[Path], surrogates: list[Path]) -> dic
     pretrained experts (the joint stage changed the experts inside it).
 
     The mixture names its experts relative to its project root (<root>/models/<d>/run<r>/dwf.pt,
-    dwf.paths.project_root) or absolutely, so every working directory gets the same attacks; a
-    missing one is an error, never a silent skip.
+    dwf.paths.project_root) or absolutely, so every working directory gets the same attacks;
+    each name is checked before any file is opened (paths.listed_expert), and a missing one is
+    an error, never a silent skip.
     """
     from dwf import paths
     from dwf.checkpoint import load
 
     sources = {f"surrogate_{s.stem}": s for s in surrogates}
-    named = [Path(e) for e in load(checkpoint).get("experts", [])] if checkpoint is not None else []
+    listed = load(checkpoint).get("experts", []) if checkpoint is not None else []
+    if not isinstance(listed, list):
+        raise ValueError(f"{checkpoint}: its experts are not a list of paths")
+    named = [paths.listed_expert(e, checkpoint) for e in listed]  # all checked, then opened
     root = paths.project_root(checkpoint) if checkpoint is not None else None
     if any(not e.is_absolute() for e in named) and root is None:
         raise ValueError(f"{checkpoint}: names its experts relative to a project, but lies outside "
@@ -489,6 +533,7 @@ def audit(model_name: Annotated[str, typer.Option(
     checkpoint = checkpoint or paths.model(dataset, run, model_name)
     if out is not None:
         _refuse_overlap([out], [params, Path(p.data_root) / dataset, checkpoint])
+        _refuse_pipeline([out], [])
     model = load_model(checkpoint, dev, dataset=dataset)
     x, y = load_split(dataset, Path(p.data_root), "test")
     checks = run_audit(model, x, y, cfg=prof.evaluate, device=dev, workers=count(dev, workers),
@@ -508,7 +553,8 @@ def forensics(undefended: Annotated[str, typer.Option(
               out: Annotated[Optional[Path], typer.Option(
                   help="JSON to write (default: metrics/forensics/<dataset>/run<run>.json)")] = None,
               steps: Annotated[Optional[list[int]], typer.Option(
-                  "--steps", min=1, help="PGD-k to report (repeat; default: 10, 20, ..., 100)")] = None,
+                  "--steps", min=1, max=MAX_STEPS,
+                  help="PGD-k to report (repeat; default: 10, 20, ..., 100)")] = None,
               dataset: DatasetOpt = "digits", run: RunOpt = 0,
               params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
               device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
@@ -537,9 +583,12 @@ def forensics(undefended: Annotated[str, typer.Option(
     checkpoints = {name: paths.model(dataset, run, name) for name in names}
     out = out or paths.forensics(dataset, run)  # names checked by _context
     _refuse_overlap([out], [params, Path(p.data_root) / dataset, *checkpoints.values()])
+    _refuse_pipeline([out], [paths.forensics(dataset, run)], {
+        "--set": set_, "--steps": steps, "--model": model_names,
+        "--undefended": undefended != "experts/benign"})  # the pipeline's: the defaults
     models = {name: load_model(c, dev, dataset=dataset) for name, c in checkpoints.items()}
     x, y = load_split(dataset, Path(p.data_root), "test")
-    n = cfg.n_examples or len(x)
+    n = cfg.examples(len(x))
     say = None if quiet else functools.partial(typer.echo, err=True)
     result = compare(models, to_unit(x[:n]).to(dev), y[:n].to(dev), undefended=undefended,
                      eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=sorted(set(steps or STEPS)),
@@ -556,7 +605,9 @@ def forensics(undefended: Annotated[str, typer.Option(
 @app.command()
 @stage
 def aggregate(params: ParamsOpt = Path("params.yaml"),
-              summary: Annotated[Path, typer.Option(help="summary metrics JSON")] = Path("metrics/summary.json"),
+              summary: Annotated[Path, typer.Option(
+                  help="summary metrics JSON (the models' rows go beside it, in models/)")
+              ] = Path("metrics/summary.json"),
               reports: Annotated[Path, typer.Option(help="reports folder")] = Path("reports")):
     """Mean ± std and 95% interval over runs; Tables 2-3, Figures 6-7, comparison with the paper,
     and the verdict against systems of DWF's training cost and size. The reports folder and the
@@ -570,6 +621,8 @@ def aggregate(params: ParamsOpt = Path("params.yaml"),
     p = load_params(params)
     runs = [paths.evaluation(d, r, m) for d in p.datasets for r in p.runs for m in p.evaluate_models]
     _refuse_overlap([summary, reports], [params, *runs, *map(details_path, runs)])
+    rows = summary.parent / "models"  # the models' rows, beside the summary (report.publish)
+    _refuse_pipeline([summary, reports, rows], [paths.SUMMARY, paths.REPORTS, paths.MODEL_ROWS])
     per_run = load_runs(p.datasets, p.runs, p.evaluate_models)
     result = collect(per_run)  # numbers only; environments: in each run's details file
     found = {d: paths.forensics(d, p.runs[0]) for d in p.datasets}  # dwf forensics, if it ran
@@ -606,10 +659,10 @@ def table(metrics: Annotated[list[Path], typer.Argument(help="metrics JSON files
 @app.command()
 @stage
 def bench(device: DeviceOpt = None,
-          width: Annotated[Optional[int], typer.Option(min=1, help="expert width (default: 64 on cuda, 8 on cpu)")] = None,
-          batch: Annotated[Optional[int], typer.Option(min=1, help="images per view (default: 128 on cuda, 32 on cpu)")] = None,
-          pgd_steps: Annotated[Optional[int], typer.Option(min=1, help="PGD iterations per timed step")] = None,
-          repeats: Annotated[Optional[int], typer.Option(min=1, help="timed calls per step")] = None,
+          width: Annotated[Optional[int], typer.Option(min=1, max=MAX_WIDTH, help="expert width (default: 64 on cuda, 8 on cpu)")] = None,
+          batch: Annotated[Optional[int], typer.Option(min=1, max=MAX_BATCH, help="images per view (default: 128 on cuda, 32 on cpu)")] = None,
+          pgd_steps: Annotated[Optional[int], typer.Option(min=1, max=MAX_STEPS, help="PGD iterations per timed step")] = None,
+          repeats: Annotated[Optional[int], typer.Option(min=1, max=100, help="timed calls per step")] = None,
           precision: Annotated[str, typer.Option(help="optimized path: fp32 or bf16 (autocast)")] = "fp32",
           channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--contiguous", help="optimized path's memory format (default: training's on this device)", show_default=False)] = None,
           batched: Annotated[Optional[bool], typer.Option("--batched/--loop", help="force grouped-conv experts or the loop (default: per device)", show_default=False)] = None,
@@ -627,6 +680,7 @@ def bench(device: DeviceOpt = None,
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    _refuse_pipeline([out], [])
     if deterministic:
         configure_determinism()  # measure what training runs
     else:
@@ -677,6 +731,7 @@ def plan(params: ParamsOpt = Path("params.yaml"),
 
     if json_out is not None:
         _refuse_overlap([json_out], [params, *([rates] if rates else [])])
+        _refuse_pipeline([json_out], [])
     p = load_params(params)
     profiles = {d: load_params(params, d, set_ or []).profile(d) for d in p.datasets}
     if rates is not None:

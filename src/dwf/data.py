@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dwf.fileio import atomic_write
+from dwf.fileio import atomic_write, load_failure
 from dwf.fingerprint import tensor_digest
 
 DATASETS = ("cifar10", "svhn", "digits")
@@ -317,7 +317,8 @@ def load_split(name: str, root: Path, split: str) -> tuple[torch.Tensor, torch.T
         tensors = torch.load(io.BytesIO(blob), weights_only=True)  # the bytes just verified
         x, y = tensors["x"], tensors["y"]
     except Exception as err:  # any unpickling failure means the same thing: a bad file
-        raise DataError(f"{path} cannot be loaded ({err!r}); {_fix(name)}") from err
+        raise DataError(f"{path} cannot be loaded ({load_failure(err, 'tensor file')}); "
+                        f"{_fix(name)}") from err
     _check_tensors(name, path, x, y)
     _check_pinned(name, split, path, x, y)
     if len(y) != entry["count"]:

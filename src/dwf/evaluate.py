@@ -400,7 +400,7 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: Eval
 def _evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, cfg: EvalConfig,
               seed: int, device: torch.device, progress: bool, sources: dict[str, nn.Module] | None,
               state: Path | None, workers: int) -> dict[str, Any]:
-    n = cfg.n_examples or len(x_u8)
+    n = cfg.examples(len(x_u8))
     x_u8, y = x_u8[:n], y[:n]
     suite = protocol(cfg) | (strong_suite(cfg, model, sources or {}) if cfg.strong else {})
     n_aa = min(cfg.autoattack_n or n, n)

@@ -1,9 +1,11 @@
 """Atomic file writes: every output (datasets, checkpoints, metrics) goes through here, so a
-killed stage never leaves a half-written file that DVC or Snakemake would accept."""
+killed stage never leaves a half-written file that DVC or Snakemake would accept. And why a
+torch file did not load, said once for every loader (checkpoints, datasets, external weights)."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,3 +27,21 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# torch's safe unpickler names what it refused on one of many lines of advice (which suggests
+# turning the safety off); keep only that cause: "unsupported GLOBAL posix.system ..."
+_REFUSED = re.compile(r"unsupported (?:global|operand|class)\b[^\n]*", re.IGNORECASE)
+
+
+def load_failure(e: Exception, what: str) -> str:
+    """Why torch.load(weights_only=True) failed, in one line that never advises loading
+    unsafely; `what` the file was expected to be ("dwf checkpoint", "state dict")."""
+    text = str(e)
+    refused = _REFUSED.search(text)
+    if refused or "weights only load failed" in text.lower():
+        cause = re.split(r"\.\s*Please use", refused.group(0))[0] if refused else "not plain data"
+        return (f"refused: it needs more than tensors and plain values to load "
+                f"({cause.strip()[:200]}); nothing in it was executed")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"not a loadable {what} ({(lines[0] if lines else type(e).__name__)[:200]})"

@@ -91,8 +91,9 @@ def read(path: Path) -> dict[str, Any]:
     """The metrics dict of a headline file and the details file beside it.
 
     Raises:
-        FileNotFoundError, ValueError: a file missing, not JSON, or not shaped as `split` writes
-            it; the message names the file.
+        FileNotFoundError, ValueError: a file missing, not JSON, not shaped as `split` writes
+            it, or holding an accuracy no evaluation gives (NaN, outside [0, 100]); the message
+            names the file.
     """
     headline, details = _object(path), _object(details_path(path))
     missing = [k for k in HEADLINE if k not in headline]
@@ -107,7 +108,27 @@ def read(path: Path) -> dict[str, Any]:
                                                 for r in attacks.values()):
         raise ValueError(f"{details_path(path)}: no attack records (written by an older dwf?); "
                          "re-run `dwf evaluate`")
-    return join(headline, details)
+    n = headline["n_examples"]
+    if type(n) is not int or n < 1:
+        raise ValueError(f"{path}: n_examples = {n!r} is not a count of test examples")
+    metrics = join(headline, details)
+    for name, v in accuracies(metrics).items():
+        if type(v) not in (int, float) or not 0 <= v <= 100:  # NaN fails both comparisons
+            raise ValueError(f"{path}: accuracy {name} = {str(v)[:20]} is not a percentage in "
+                             "[0, 100]; re-run `dwf evaluate`")
+    return metrics
+
+
+def accuracies(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Every accuracy of a metrics dict (percent) by name: clean, the worst case, each attack
+    family's ("worst_by_family/pgd") and each attack's ("pgd/10"); None where one is missing."""
+    out = {"clean": metrics["clean"], "worst_case": metrics["worst_case"]}
+    out |= {f"{FAMILIES}/{k}": v for k, v in metrics[FAMILIES].items()}
+    for name in metrics[ATTACKS]:
+        group, _, key = name.partition("/")  # as dwf.evaluate.summarize nests them
+        value = metrics.get(group)
+        out[name] = (value.get(key) if isinstance(value, dict) else None) if key else value
+    return out
 
 
 def _object(path: Path) -> dict[str, Any]:

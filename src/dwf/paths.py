@@ -9,12 +9,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from dwf.config.base import EXPERT_NAME, MODEL_NAME, check, check_name
+from dwf.config.base import EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check, check_name
 
 # `dwf evaluate --external ARCH` writes eval/external_<ARCH with ":" as "_">.json; timm names
 # hold dots (convnext_tiny.fb_in1k), which stay inside one path component
 EXTERNAL_NAME = re.compile(r"external_[a-z0-9_.]{1,64}")
+
+# What the pipeline's commands write, relative to the project root: model and expert (models/),
+# history and evaluation (metrics/runs/), forensics, and aggregate's summary, its models'
+# metrics and reports. Only the pipeline's own invocation writes here (cli._refuse_pipeline):
+# an ad-hoc result there would replace a tracked one, or sit among them unnoticed (issue 23).
+SUMMARY = Path("metrics/summary.json")
+MODEL_ROWS = SUMMARY.parent / "models"  # a row a model, beside the summary (report.publish)
+REPORTS = Path("reports")
+PIPELINE_OUTPUTS = (Path("models"), Path("metrics/runs"), Path("metrics/forensics"), MODEL_ROWS,
+                    SUMMARY, REPORTS)
+
+# a pipeline expert as a mixture lists it (dwf train-joint): models/<dataset>/run<r>/experts/<name>.pt
+EXPERT_FILE = re.compile(rf"models/{NAME.pattern}/run[0-9]+/experts/(?:{EXPERT_NAME.pattern})\.pt")
 
 
 def _run_dir(dataset: str, run: int) -> str:
@@ -52,6 +66,33 @@ def evaluation(dataset: str, run: int, name: str) -> Path:
 def forensics(dataset: str, run: int) -> Path:
     """Protocol forensics of one run (dwf forensics; the comparison page's last section)."""
     return Path(f"metrics/forensics/{_run_dir(dataset, run)}.json")
+
+
+def pipeline_output(path: Path) -> Path | None:
+    """The pipeline location (PIPELINE_OUTPUTS) that `path` is, lies in or holds, or None.
+    Locations count under the working directory (where the pipeline's commands run) and under
+    every folder above `path` that holds a dvc.yaml (a study, named from outside it)."""
+    a = Path(os.path.abspath(path))  # symlinks kept, as cli._refuse_overlap
+    roots = [Path.cwd(), *(p for p in a.parents if (p / "dvc.yaml").is_file())]
+    for rel in (a.relative_to(root) for root in roots if root in a.parents):
+        for place in PIPELINE_OUTPUTS:
+            if rel == place or place in rel.parents or rel in place.parents:
+                return place
+    return None
+
+
+def listed_expert(entry: Any, mixture: Path) -> Path:
+    """One expert a mixture's checkpoint lists, as a path, checked before any file is opened: a
+    pipeline expert (EXPERT_FILE), relative to the mixture's project root or absolute with that
+    tail (a mixture trained outside its experts' project). A checkpoint may come from anyone:
+    what it names must not make dwf read a file of its choosing (/etc/hostname)."""
+    p = Path(entry) if isinstance(entry, str) else None
+    tail = "/".join(p.parts[-5:]) if p is not None else ""
+    if p is None or ".." in p.parts or not EXPERT_FILE.fullmatch(tail) or not (
+            p.is_absolute() or len(p.parts) == 5):
+        raise ConfigError(f"{mixture}: lists {str(entry)[:80]!r} as an expert, not a path "
+                          "models/<dataset>/run<r>/experts/<name>.pt; refused, nothing opened")
+    return p
 
 
 def project_root(checkpoint: Path) -> Path | None:

@@ -61,15 +61,25 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def load_runs(datasets, runs, models) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{dataset: {model: [metrics of each run]}} (a missing file fails, naming the command)."""
+    """{dataset: {model: [metrics of each run]}} (a missing file fails, naming the command).
+    Every run of every model of a dataset must have been evaluated on as many test examples:
+    a spread over runs, a table's rows and the comparisons paired by run mean something only
+    over the same images (issue 23: a 20-example run among 360-example ones)."""
     out: dict = {}
     for d in datasets:
+        first = None  # (path, n_examples) of the dataset's first run read
         for m in models:
             for r in runs:
                 path = paths.evaluation(d, r, m)
                 if not path.is_file():
                     raise FileNotFoundError(f"{path}: missing; run `dwf evaluate --dataset {d} --run {r} --model {m}`")
-                out.setdefault(d, {}).setdefault(m, []).append(read_metrics(path))
+                metrics = read_metrics(path)
+                first = first or (path, metrics["n_examples"])
+                if metrics["n_examples"] != first[1]:
+                    raise ValueError(f"{path}: evaluated on {metrics['n_examples']} test examples, "
+                                     f"{first[0]} on {first[1]}; re-run `dwf evaluate` for the odd "
+                                     "one with the params' evaluate.n_examples")
+                out.setdefault(d, {}).setdefault(m, []).append(metrics)
     return out
 
 

@@ -59,3 +59,10 @@ class EvalConfig:
             check(0 <= e <= 1, "fgsm_eps", f"values in [0, 1], got {e}")
         for k in self.pgd_steps:
             check(1 <= k <= MAX_STEPS, "pgd_steps", f"values in [1, {MAX_STEPS}], got {k}")
+
+    def examples(self, n_test: int) -> int:
+        """How many test examples an evaluation runs on: the first n_examples (0: all). More
+        than the test split holds is refused: the metrics would record a count that never ran."""
+        check(self.n_examples <= n_test, "evaluate.n_examples",
+              f"at most the {n_test} test examples (0 = all), got {self.n_examples}")
+        return self.n_examples or n_test

@@ -133,10 +133,7 @@ def load_params(path: str | Path, dataset: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    raw = _yaml(path.read_text(), str(path))
     if overrides:
         if dataset is None or not isinstance(raw, dict) or not isinstance(raw.get(dataset), dict):
             raise ConfigError(f"--set: no section '{dataset}:' in {path} to override")
@@ -158,7 +155,19 @@ def _override(section: dict, item: str, dataset: str) -> None:
         if not isinstance(node.get(k), dict):
             node[k] = {}
         node = node[k]
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = _yaml(value, f"--set {item!r}")
+
+
+def _yaml(text: str, where: str) -> Any:
+    """YAML's plain values (safe_load: a tag such as !!python/object builds nothing); an error
+    in one line naming `where`, the problem and its place."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: not valid YAML ({why}{at})") from None
 
 
 def parse_params(raw: Any) -> Params:

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dwf.checkpoint import CheckpointError
+from dwf.checkpoint import CheckpointError, check_weights
+from dwf.fileio import load_failure
 from dwf.models.resnet import Normalize
 from dwf.models.zoo import ZOO
 
@@ -225,7 +226,7 @@ def _state_dict(weights: Path, wrapper: str | None = None) -> dict[str, torch.Te
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code is refused, not run
-        raise CheckpointError(f"{weights}: not a loadable state dict ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{weights}: {load_failure(e, 'state dict')}") from None
     for key in (wrapper, "state_dict"):
         if key and isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -233,6 +234,7 @@ def _state_dict(weights: Path, wrapper: str | None = None) -> dict[str, torch.Te
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{weights}: expected a state dict"
                               + (f" (or {{{wrapper!r}: state dict}})" if wrapper else ""))
+    check_weights(state, weights)  # a NaN weight would be evaluated as a model at 0%
     # checkpoints saved from DataParallel prefix every name with "module."
     return {k.removeprefix("module."): v for k, v in state.items()}
 
