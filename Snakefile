@@ -85,6 +85,7 @@ RUNS = config["runs"]
 EXPERTS = config["experts"]
 BASELINES = config.get("baselines", [])
 ROUTINGS = config.get("routings", [])  # DWF's mixture under other routing decisions (dwf reroute)
+ABLATIONS = config.get("ablations", [])  # DWF trained another way (dwf train-joint --ablation)
 MODELS = config["evaluate_models"]
 # GPUs of one joint-training job; above 1 it runs under torchrun (DDP, dwf.distributed), and
 # the joint batch size must divide evenly over them
@@ -97,15 +98,27 @@ wildcard_constraints:
     expert="[a-z]+(_[0-9]+)?",
     defense="|".join(BASELINES) or "^$",
     routing="|".join(ROUTINGS) or "^$",
+    ablation="|".join(ABLATIONS) or "^$",
     model="[a-z0-9_]+(/[a-z0-9_]+)?",
 
 
 rule all:
     input:
         "metrics/summary.json",
-        # as `dvc repro`: the rerouted mixtures too, evaluated or not (evaluate_models opts in)
+        # as `dvc repro`: the rerouted and ablated mixtures too, evaluated or not
         expand("models/{dataset}/run{run}/dwf_{routing}.pt", dataset=DATASETS, run=RUNS,
                routing=ROUTINGS),
+        expand("models/{dataset}/run{run}/dwf_{ablation}.pt", dataset=DATASETS, run=RUNS,
+               ablation=ABLATIONS),
+
+
+# `make ablations`: issue 22's rows alone: DWF rerouted or trained another way, and DWF's own
+# experts evaluated one by one (its best single expert), with what they need
+rule ablations:
+    input:
+        expand("metrics/runs/{dataset}/run{run}/eval/{model}.json", dataset=DATASETS, run=RUNS,
+               model=[m for m in MODELS if m.startswith("dwf_")
+                      or (m.startswith("experts/") and m != "experts/benign")]),
 
 
 # A directory() output gets Snakemake's .snakemake_timestamp inside, and data/{dataset} and
@@ -161,6 +174,27 @@ rule joint:
     shell:
         "{params.launch} train-joint --dataset {wildcards.dataset:q} --run {wildcards.run:q}"
         " --quiet > {log:q} 2>&1"
+
+
+# Ablations (b), (c): DWF trained another way (<dataset>.ablations), on the same experts
+rule ablation:
+    input:
+        "data/{dataset}/manifest.json",
+        expand("models/{{dataset}}/run{{run}}/experts/{expert}.pt", expert=EXPERTS),
+        code_files("ablation"),
+        params_file("ablation", "dataset", "ablation"),
+    output:
+        "models/{dataset}/run{run}/dwf_{ablation}.pt",
+        "metrics/runs/{dataset}/run{run}/train/dwf_{ablation}.json",
+    log:
+        "logs/ablation/{dataset}/run{run}/{ablation}.log",
+    resources:
+        gpu=JOINT_GPUS,
+    params:
+        launch=JOINT_LAUNCH,
+    shell:
+        "{params.launch} train-joint --ablation {wildcards.ablation:q} --dataset {wildcards.dataset:q}"
+        " --run {wildcards.run:q} --quiet > {log:q} 2>&1"
 
 
 # Ablation (a): DWF's trained mixture under another routing decision, no training

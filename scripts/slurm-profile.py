@@ -12,12 +12,13 @@ plan, so rerun this after a change to params.yaml or to the rates in docs/bench/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
 from pathlib import Path
 
-from dwf.config import load_params
+from dwf.config import ABLATION_NAMES, load_params
 from dwf.plan import Assumptions, load_rates, plan, rule_hours
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,9 @@ def runtimes(longest: dict[str, float]) -> dict[str, int]:
 
 
 def planned(params: Path = PARAMS, device: str = DEVICE) -> dict[str, float]:
-    """The plan's longest job of each rule, in hours (dwf.plan.rule_hours)."""
-    p = load_params(params)
+    """The plan's longest job of each rule, in hours (dwf.plan.rule_hours), with every ablation
+    opted in (params `ablations`: the rule must allow them when a user lists them)."""
+    p = dataclasses.replace(load_params(params), ablations=ABLATION_NAMES)
     profiles = {d: load_params(params, d, []).profile(d) for d in p.datasets}
     _, rates = load_rates(None, device)
     return rule_hours(plan(p, profiles, rates, Assumptions()))

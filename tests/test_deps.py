@@ -34,6 +34,7 @@ NOT_READ = {
     "download": SECTIONS | {REGISTRY},
     "expert": {"src/dwf/config/evaluate.py", REGISTRY},
     "joint": {"src/dwf/config/evaluate.py", REGISTRY},
+    "ablation": {"src/dwf/config/evaluate.py", REGISTRY},
     "baseline": {"src/dwf/config/evaluate.py"},
     "evaluate": {"src/dwf/config/train.py", REGISTRY},
     "forensics": {"src/dwf/config/train.py", REGISTRY},

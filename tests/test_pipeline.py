@@ -66,8 +66,9 @@ def tiny_digits_params(runs=(0, 1), experts=NINE) -> dict:
     return {"seed": 0, "runs": list(runs), "datasets": ["digits"], "data_root": "data",
             "cpu_threads": 2, "experts": list(experts), "baselines": ["resnet18"],
             "routings": ["top1"],  # the rerouted mixture (ablation (a)): a reroute stage too
+            "ablations": ["frozen_experts"],  # DWF trained another way (ablation (b)): trained, not evaluated
             "evaluate_models": ["dwf", "experts/benign", "resnet18", "dwf_top1"],
-            "digits": _tiny_section()}
+            "digits": {**_tiny_section(), "ablations": {"frozen_experts": {"train_experts": False}}}}
 
 
 def dvc_stages(repo: Path) -> dict[str, dict[str, list[str]]]:

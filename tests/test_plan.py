@@ -41,7 +41,7 @@ SHORT = ["evaluate.fgsm_eps=[0.1]", "evaluate.pgd_steps=[2, 3]", "evaluate.ms_st
 
 def _params(tmp_path: Path) -> Path:
     raw = yaml.safe_load(STUDY.read_text())
-    raw |= {"runs": [0, 1], "baselines": [], "evaluate_models": ["dwf", "experts/benign"]}
+    raw |= {"runs": [0, 1], "baselines": [], "ablations": [], "evaluate_models": ["dwf", "experts/benign"]}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -168,9 +168,10 @@ def test_cli_prints_the_total_and_writes_json(tmp_path):
     r = _dwf("plan", "--params", str(STUDY), "--rates", str(ROOT / "docs/bench/cpu-digits.json"),
              "--json", str(out))
     assert r.exit_code == 0, r.output
-    assert "| **total** | 180 |" in r.stdout and "measured" in r.stdout
+    assert "| **total** | 270 |" in r.stdout and "measured" in r.stdout
     result = json.loads(out.read_text())
-    assert result["total"]["jobs"] == 5 * (9 + 1 + 11 + 15)  # experts, joint, baselines, evaluations
+    # experts, joint, ablations, baselines, evaluations (15 systems, 8 more experts, 5 ablations)
+    assert result["total"]["jobs"] == 5 * (9 + 1 + 5 + 11 + 15 + 8 + 5)
     # a zoo row is priced from the measured ResNet-18 by the ratio of forward MACs
     zoo = {x["rate"]: x for x in result["rates"]}["train/fp32: resnet34 train"]
     assert not zoo["measured"] and zoo["source"].startswith("expert train")
@@ -210,9 +211,19 @@ def test_training_cost_matches_a_hand_count():
     # epochs through the mixture: FGSM + PGD-k (2 x (1 + 3)) and SGD on three views (3 x 3)
     experts = 10 * steps * (3 + 4 * (3 + 2) + 4 * (3 + 6)) * RESNET18_W8
     joint = 4 * steps * (2 * (1 + 3) + 3 * 3) * MIXTURE_W8
+    # the ablations: frozen experts, the SGD step a forward of each view (the gate's backward
+    # not counted); no pretraining, 7 joint epochs alone; a fixed PGD-3, as the mean of 1..5;
+    # four PGD experts: their pretraining, and a mixture of four (router 64-1024-512-128-4)
+    frozen = 4 * steps * (2 * (1 + 3) + 3 * 1) * MIXTURE_W8
+    four = 4 * RESNET18_W8 + 64 * 1024 + 1024 * 512 + 512 * 128 + 128 * 4
+    pgd_only = 10 * steps * 4 * (3 + 6) * RESNET18_W8 + 4 * steps * (2 * (1 + 3) + 3 * 3) * four
     for model, macs in (("resnet18_pgd_at", pgd_at), ("dwf", experts + joint),
-                        ("experts/pgd_0", 10 * steps * 9 * RESNET18_W8)):
-        assert plan.training_cost(params, "digits", prof, model)["train_tmacs"] == round(macs / 1e12, 6)
+                        ("experts/pgd_0", 10 * steps * 9 * RESNET18_W8),
+                        ("dwf_uniform", experts + joint),  # DWF's weights: its training
+                        ("dwf_frozen_experts", experts + frozen),
+                        ("dwf_no_pretraining", 7 / 4 * joint), ("dwf_fixed_strengths", experts + joint),
+                        ("dwf_pgd_experts", pgd_only)):
+        assert plan.training_cost(params, "digits", prof, model)["train_tmacs"] == round(macs / 1e12, 6), model
 
 
 def test_the_studys_matched_rows_are_matched_and_never_above_dwf():
@@ -220,7 +231,7 @@ def test_the_studys_matched_rows_are_matched_and_never_above_dwf():
     prof = params.profile("digits")
     dwf = plan.training_cost(params, "digits", prof, "dwf")["train_tmacs"]
     for row in ("pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params",
-                "trades_matched_params"):
+                "trades_matched_params", "dwf_no_pretraining"):
         cost = plan.training_cost(params, "digits", prof, row)["train_tmacs"]
         assert 0.9 * dwf <= cost <= dwf, row
     wide = plan.network_macs(8, (1, 8, 8), 9, baselines={"pgd_at_matched_params": prof.baselines.get(
@@ -271,7 +282,7 @@ def _runtimes(profile: Path) -> dict[str, float]:
     default-resources)."""
     cfg = yaml.safe_load(profile.read_text())
     default = cfg["default-resources"]["runtime"]
-    rules = ("expert", "joint", "baseline", "evaluate")
+    rules = ("expert", "joint", "ablation", "baseline", "evaluate")
     return {r: (cfg.get("set-resources", {}).get(r) or {}).get("runtime", default) for r in rules}
 
 
@@ -284,13 +295,19 @@ def _slurm_profile_script():
     return script
 
 
+@pytest.fixture(scope="module")
+def paper_rule_hours():
+    """The paper's longest job per rule with every ablation opted in, as the script prices them."""
+    return _slurm_profile_script().planned()
+
+
 @pytest.mark.parametrize("profile", ["slurm", "slurm-local"])
-def test_slurm_profile_lets_every_rule_run_as_long_as_the_plan_says(profile, paper_plan):
+def test_slurm_profile_lets_every_rule_run_as_long_as_the_plan_says(profile, paper_rule_hours):
     """Each rule's time limit is at least the plan's longest job of that rule (issue 24):
     profiles/slurm's for the paper at H200 rates, written by scripts/slurm-profile.py;
     profiles/slurm-local's for the digits study at this CPU's."""
     if profile == "slurm":
-        longest = plan.rule_hours(paper_plan[1])
+        longest = paper_rule_hours
     else:
         p = load_params(STUDY)
         _, rates = plan.load_rates(None, "cpu")
@@ -301,11 +318,11 @@ def test_slurm_profile_lets_every_rule_run_as_long_as_the_plan_says(profile, pap
     assert not short, f"{profile}: runtime (min) below the plan's longest job (min): {short}"
 
 
-def test_slurm_profile_script_writes_the_plans_runtimes_and_nothing_else(paper_plan):
+def test_slurm_profile_script_writes_the_plans_runtimes_and_nothing_else(paper_rule_hours):
     script = _slurm_profile_script()
     text = script.PROFILE.read_text()
     # the committed profile is what the script writes from today's plan
-    assert script.rewrite(text, script.runtimes(plan.rule_hours(paper_plan[1]))) == text
+    assert script.rewrite(text, script.runtimes(paper_rule_hours)) == text
     lines, changed = text.splitlines(), script.rewrite(text, {"joint": 7}).splitlines()
     diff = [i for i, (a, b) in enumerate(zip(lines, changed)) if a != b]
     assert len(diff) == 1 and lines[diff[0] - 1] == "  joint:" and changed[diff[0]] == "    runtime: 7"

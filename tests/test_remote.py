@@ -66,8 +66,8 @@ def test_a_study_is_generated_only_for_a_remote_named_after_it(tmp_path, monkeyp
         f.write("['remote \"tiny\"']\n    url = ../studies/tiny/remote\n")
     generator.main("tiny")
     written = (tmp_path / "studies" / "tiny" / "dvc.yaml").read_text()
-    # each cached output: data, an expert, the mixture, a rerouted mixture, a baseline
-    assert written.count("remote: tiny") == 5 and "remote: digits" not in written
+    # each cached output: data, an expert, the mixture, an ablated and a rerouted mixture, a baseline
+    assert written.count("remote: tiny") == 6 and "remote: digits" not in written
 
 
 def _git_commit(repo: Path, message: str) -> None:

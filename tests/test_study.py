@@ -41,8 +41,12 @@ def test_study_params_are_the_full_study():
                                 "resnet34", "resnet50",  # the two cheapest zoo rows (docs/baselines.md)
                                 "pgd_at_matched_cost", "trades_matched_cost", "pgd_at_matched_params"}
     assert set(p.routings) == {"uniform", "top1"}  # ablation (a): DWF's weights, other routings
-    assert set(p.evaluate_models) == {"dwf", "experts/benign", *p.baselines,
-                                      *(f"dwf_{r}" for r in p.routings)}
+    # ablations (b), (c): DWF trained another way; every expert alone (its best single expert)
+    assert set(p.ablations) == {"frozen_experts", "no_pretraining", "fixed_strengths", "pgd_experts",
+                                "five_experts"}
+    assert set(p.evaluate_models) == {"dwf", *(f"experts/{e}" for e in p.experts), *p.baselines,
+                                      *(f"dwf_{r}" for r in p.routings),
+                                      *(f"dwf_{a}" for a in p.ablations)}
     assert ev.n_examples == 0 and ev.autoattack and ev.autoattack_n == 0  # all 360 digits
     assert ev.autoattack_version == "standard" and ev.square_queries == 5000
     assert (ev.ms_steps, ev.ms_restarts, ev.adaptive_steps) == (100, 3, 100)  # Table 4

@@ -58,3 +58,26 @@ def test_the_ablation_page_pairs_dwf_with_each_ablation_of_itself():
     assert "PGD-AT" not in page  # the matched baselines are the verdict's, not ablations
     empty = verdict.ablation_page({"digits": PER_RUN}, {"digits": "Digits"})
     assert "No ablation was evaluated" in empty
+
+
+def test_dwfs_own_variants_and_experts_are_never_the_verdicts_competitor():
+    """An ablation of DWF or one of its experts within its cost is reports/ablations.md's row,
+    not the system DWF is judged against."""
+    per_run = {**PER_RUN, "dwf_pgd_experts": _runs([90.0, 90.0, 90.0], 0.5, 1.0),
+               "experts/pgd_0": _runs([95.0, 95.0, 95.0], 0.1, 0.2)}
+    cost = verdict.sentences(per_run)[1]
+    assert "PGD-AT at DWF's cost" in cost and "pgd_0" not in cost and "PGD experts" not in cost
+
+
+def test_the_best_single_expert_is_chosen_per_run_and_paired_with_dwf():
+    per_run = {"digits": {**PER_RUN, "experts/benign": _runs([0.0, 0.0, 0.0], 0.01, 0.2),
+                          "experts/pgd_0": _runs([45.0, 40.0, 44.0], 0.02, 0.2),
+                          "experts/pgd_1": _runs([41.0, 47.0, 43.0], 0.02, 0.2)}}
+    best = verdict.best_expert(per_run["digits"])
+    assert [r["expert"] for r in best] == ["experts/pgd_0", "experts/pgd_1", "experts/pgd_0"]
+    assert [r["worst_case"] for r in best] == [45.0, 47.0, 44.0]
+    page = verdict.ablation_page(per_run, {"digits": "Digits"})
+    row = next(line for line in page.splitlines() if "best single expert" in line)
+    assert "(per run: pgd_0, pgd_1, pgd_0)" in row and "+5.67 ±" in row  # 50-45, 52-47, 51-44
+    assert "upper bound" in page  # chosen on the test digits, and said so
+    assert verdict.best_expert({"experts/pgd_0": per_run["digits"]["experts/pgd_0"]}) == []

@@ -315,32 +315,48 @@ def train_expert(expert: Annotated[Optional[str], typer.Option(
 @stage
 def train_joint(dataset: DatasetOpt = "digits", run: RunOpt = 0,
                 experts_dir: Annotated[Optional[Path], typer.Option(help="folder of expert checkpoints")] = None,
+                ablation: Annotated[Optional[str], typer.Option(
+                    help="train DWF another way, as params' <dataset>.ablations.<name> sets "
+                         "(frozen_experts, no_pretraining, fixed_strengths, pgd_experts, "
+                         "five_experts); writes dwf_<name>")] = None,
                 out: CkptOutOpt = None,
                 history: HistoryOpt = None,
                 params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 device: DeviceOpt = None, quiet: QuietOpt = False, dvc: DvcOpt = False):
     """Train the mixture end to end on [clean, FGSM, PGD] batches (Algorithm 3)."""
+    import os
+
     from dwf import paths
+    from dwf.config import ABLATION_NAMES, choice
     from dwf.data import load_split
     from dwf.defenses.dwf import train_joint as train
     from dwf.runtime import derive_seed
 
-    if dvc:
+    if dvc and os.environ.get("DVC_STAGE", "").rsplit(":", 1)[-1].startswith("ablation@"):
+        dataset, run, ablation = _dvc_item(params, ("datasets", "runs", "ablations"))
+    elif dvc:
         dataset, run = _dvc_item(params, ("datasets", "runs"))
     p, prof, dev = _context(params, dataset, set_, device, data_parallel=True)
+    name, cfg, mixed, pretrained, train_experts = "dwf", prof.joint, p.experts, True, True
+    if ablation is not None:  # its settings on top of the joint phase's (config.train.Ablation)
+        choice(ablation, "--ablation", ABLATION_NAMES)
+        ab, mixed = p.ablation(dataset, ablation)
+        name, cfg = f"dwf_{ablation}", ab.joint(prof.joint)
+        pretrained, train_experts = ab.pretrained, ab.train_experts
     folder = experts_dir or paths.expert(dataset, run, "benign").parent
-    experts = [folder / f"{name}.pt" for name in p.experts]
+    experts = [folder / f"{e}.pt" for e in mixed]
     out, history = _outputs({"--out": out, "--history": history},
-                            [paths.model(dataset, run, "dwf"), paths.history(dataset, run, "dwf")],
+                            [paths.model(dataset, run, name), paths.history(dataset, run, name)],
                             [".pt", ".history.json"],
                             inputs=[params, Path(p.data_root) / dataset, *experts],
                             departs={"--set": set_, "--experts-dir": experts_dir})
     if paths.project_root(out) != Path.cwd():  # kept in the mixture for transfer attacks:
         experts = [e.absolute() for e in experts]  # relative to its project root, or absolute
     x, y = load_split(dataset, Path(p.data_root), "train")
-    curve = train(experts, x, y, cfg=prof.joint, router_hidden=prof.router_hidden, dataset=dataset,
+    curve = train(experts, x, y, cfg=cfg, router_hidden=prof.router_hidden, dataset=dataset,
                   seed=derive_seed(p.seed, run, dataset, "joint"), flip=prof.flip,
-                  crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet)
+                  crop_padding=prof.crop_padding, out=out, device=dev, progress=not quiet,
+                  pretrained=pretrained, train_experts=train_experts, defense=name)
     _finish_training(history, curve, out)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Callable
 
-from dwf.config import DEFENSES, ROUTING_NAMES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
+from dwf.config import ABLATION_NAMES, DEFENSES, ROUTING_NAMES, Params, Profile, TrainConfig, arch_kwargs, expert_kind
 from dwf.data import NUM_CLASSES, SHAPE
 
 # (train, test) examples per dataset: torchvision's CIFAR-10 and SVHN, our digits split (data.py)
@@ -65,11 +65,23 @@ def network(model: str) -> str:
     """The network an evaluated or trained model runs: `mixture` (DWF), `expert` (a ResNet-18 at
     the profile's width: an expert or a single-network baseline), else the baseline's own name
     (soe, advmoe, vgg19, a ResNet-18 at a width of its own)."""
-    if _dwf_weights(model):
+    if _dwf_weights(model) or ablation(model):
         return "mixture"
     if model in DEFENSES and (DEFENSES[model].arch != "resnet18" or DEFENSES[model].arch_settings):
         return model
     return "expert"
+
+
+def ablation(model: str) -> str | None:
+    """The ablation a model is DWF trained as (dwf_<ablation>, dwf train-joint --ablation)."""
+    name = model.removeprefix("dwf_")
+    return name if model.startswith("dwf_") and name in ABLATION_NAMES else None
+
+
+def mixed_experts(params: Params, dataset: str, model: str) -> tuple[str, ...]:
+    """The experts a DWF mixture (DWF, a rerouted or an ablated DWF) holds."""
+    name = ablation(model)
+    return params.ablation(dataset, name)[1] if name else params.experts
 
 
 def _dwf_weights(model: str) -> bool:
@@ -110,10 +122,23 @@ def expert_training(kind: str, cfg: TrainConfig, n: int) -> Counts:
     return _passes("expert", cfg.epochs * examples_per_epoch(n, cfg.batch_size), train=1, attack=attack)
 
 
-def joint_training(cfg: TrainConfig, n: int) -> Counts:
-    """Algorithm 3: FGSM + PGD-k through the mixture, then SGD on [clean, FGSM, PGD]."""
+def joint_training(cfg: TrainConfig, n: int, frozen: bool = False) -> Counts:
+    """Algorithm 3: FGSM + PGD-k through the mixture, then SGD on [clean, FGSM, PGD]. With the
+    experts `frozen` (an ablation) the SGD step is a forward: only the small gate learns."""
     return _passes("mixture", cfg.epochs * examples_per_epoch(n, cfg.batch_size),
-                   attack=1 + mean(cfg.pgd_steps), train=3)
+                   attack=1 + mean(cfg.pgd_steps), **{"forward" if frozen else "train": 3})
+
+
+def dwf_training(params: Params, dataset: str, prof: Profile, model: str) -> Counts:
+    """Passes of a DWF mixture's whole training: its experts' pretraining and the joint phase,
+    as its ablation (if any) changes them; a rerouted DWF's is DWF's."""
+    n, name = SPLIT_SIZES[dataset][0], ablation(model)
+    if name is None:
+        return sum((expert_training(expert_kind(e), prof.expert, n) for e in params.experts),
+                   joint_training(prof.joint, n))
+    ab, mixed = params.ablation(dataset, name)
+    pretraining = [expert_training(expert_kind(e), prof.expert, n) for e in mixed if ab.pretrained]
+    return sum(pretraining, joint_training(ab.joint(prof.joint), n, frozen=not ab.train_experts))
 
 
 def baseline_training(name: str, cfg: Any, n: int) -> Counts:
@@ -418,10 +443,10 @@ class Pricing:
 # ---------------------------------------------------------------- the plan
 
 
-def _members(model: str, params: Params, prof: Profile) -> int:
+def _members(model: str, params: Params, prof: Profile, dataset: str) -> int:
     """Members of an evaluated mixture (experts, sub-models); 0 for a single network."""
-    if _dwf_weights(model):
-        return len(params.experts)
+    if network(model) == "mixture":
+        return len(mixed_experts(params, dataset, model))
     counts = {"soe": "n_submodels", "advmoe": "n_experts"}  # their settings' member count
     return getattr(prof.baselines.get(model), counts[model]) if model in counts else 0
 
@@ -430,9 +455,8 @@ def system_training(params: Params, dataset: str, prof: Profile, model: str) -> 
     """Passes of the whole training of an evaluated system on `dataset`: DWF's is its experts'
     pretraining plus the joint phase; an expert's (experts/<name>) or a baseline's, its job."""
     n = SPLIT_SIZES[dataset][0]
-    if _dwf_weights(model):  # a rerouted DWF: DWF's training, nothing more
-        return sum((expert_training(expert_kind(e), prof.expert, n) for e in params.experts),
-                   joint_training(prof.joint, n))
+    if network(model) == "mixture":
+        return dwf_training(params, dataset, prof, model)
     if model.startswith("experts/"):
         return expert_training(expert_kind(model.split("/", 1)[1]), prof.expert, n)
     return baseline_training(model, prof.baselines.get(model), n)
@@ -452,7 +476,8 @@ def training_cost(params: Params, dataset: str, prof: Profile, model: str) -> di
     """
     counts = system_training(params, dataset, prof, model)
     nets = {net for net, _ in counts}
-    macs = network_macs(prof.width, SHAPE[dataset], len(params.experts), classes=NUM_CLASSES[dataset],
+    experts = len(mixed_experts(params, dataset, model))  # the mixture it trained
+    macs = network_macs(prof.width, SHAPE[dataset], experts, classes=NUM_CLASSES[dataset],
                         router_hidden=prof.router_hidden,
                         baselines={b: prof.baselines.get(b) for b in nets if b in DEFENSES})
     total = sum(n * FORWARDS[kind] * macs[net] for (net, kind), n in counts.items())
@@ -466,6 +491,9 @@ def training_jobs(params: Params, dataset: str, prof: Profile) -> list[tuple[str
     jobs = [("expert", expert_kind(e), expert_training(expert_kind(e), prof.expert, n))
             for e in params.experts]
     jobs.append(("joint", "dwf", joint_training(prof.joint, n)))
+    for name in params.ablations:  # priced as nine experts' mixture: an upper bound for fewer
+        ab = params.ablation(dataset, name)[0]
+        jobs.append(("ablation", name, joint_training(ab.joint(prof.joint), n, not ab.train_experts)))
     return jobs + [("baseline", b, baseline_training(b, prof.baselines.get(b), n))
                    for b in params.baselines]
 
@@ -480,8 +508,8 @@ def evaluation_parts(params: Params, dataset: str, prof: Profile, model: str,
     if net in MIXTURES:  # mean gate weight on clean inputs (evaluate.gate_usage)
         parts["protocol"] += _passes(net, n, forward=1)
     if cfg.strong:  # on every example; transfer from DWF's own experts
-        sources = len(params.experts) if _dwf_weights(model) else 0
-        parts["strong"] = strong(cfg, net, _members(model, params, prof), sources, n, robust,
+        sources = len(mixed_experts(params, dataset, model)) if net == "mixture" else 0
+        parts["strong"] = strong(cfg, net, _members(model, params, prof, dataset), sources, n, robust,
                                  _hard(model))
     n_aa, n_audit = min(cfg.autoattack_n or n, n), min(cfg.audit_n or n, n)
     if cfg.autoattack:
@@ -521,7 +549,7 @@ def plan(params: Params, profiles: dict[str, Profile], rates: dict,
                             baselines={b: prof.baselines.get(b) for b in params.baselines})
         pricing = Pricing(rates["tables"], here, macs_there)
         for stage, name, counts in training_jobs(params, d, prof):
-            precision = (prof.joint if stage == "joint" else prof.expert if stage == "expert"
+            precision = (prof.joint if stage in ("joint", "ablation") else prof.expert if stage == "expert"
                          else prof.baselines.get(name)).precision
             hours = pricing.hours(f"train/{precision}", counts)
             rows.append(_row(d, "train", f"{stage} {name}", runs, {"train": hours}, counts))

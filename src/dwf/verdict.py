@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from dwf.config.defenses import ROUTING_NAMES, label
+from dwf.config.defenses import ABLATION_NAMES, ROUTING_NAMES, label
 
 MATCH = 1.05  # "no more than DWF's": within 5% above (epochs and widths come in whole numbers)
 SIZE = 0.5    # "of DWF's size": at least half its parameters (capacity, not a smaller network)
@@ -34,10 +34,16 @@ def costed(models: PerRun) -> PerRun:
             if all("train_tmacs" in r and "params_m" in r for r in runs)}
 
 
+def own(model: str) -> bool:
+    """DWF itself, one of its experts, or a variant of it (rerouted, ablated): not a competitor
+    in the verdict; reports/ablations.md compares them with DWF."""
+    return model == "dwf" or model.startswith(("dwf_", "experts/"))
+
+
 def best_within(models: PerRun, fits: Callable[[list[dict[str, Any]]], bool]) -> str | None:
-    """Among the models other than DWF whose runs `fits` accepts, the one with the highest mean
-    worst case (None if there is none)."""
-    chosen = [m for m, runs in models.items() if m != "dwf" and fits(runs)]
+    """Among the models other than DWF and its own parts and variants whose runs `fits`
+    accepts, the one with the highest mean worst case (None if there is none)."""
+    chosen = [m for m, runs in models.items() if not own(m) and fits(runs)]
     return max(chosen, key=lambda m: _mean(models[m], "worst_case"), default=None)
 
 
@@ -135,38 +141,65 @@ def page(per_run: dict[str, PerRun], datasets: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-# the ablations of DWF's own training (issue 22): its trained mixture under other routings
-ABLATIONS = tuple(f"dwf_{r}" for r in ROUTING_NAMES)
+# the ablations of issue 22: DWF's trained mixture under other routings (a), DWF trained another
+# way (b, c); then its best single expert, chosen per run (BEST_EXPERT)
+ABLATIONS = (*(f"dwf_{r}" for r in ROUTING_NAMES), *(f"dwf_{a}" for a in ABLATION_NAMES))
+BEST_EXPERT = "best single expert"
+
+
+def best_expert(models: PerRun) -> list[dict[str, Any]]:
+    """Per run, the metrics of DWF's expert with the highest worst case on that run, its name
+    added; [] unless at least two of DWF's experts were evaluated. Chosen on the test digits it
+    is then scored on: an upper bound on any honest choice of one expert."""
+    experts = [m for m in models if m.startswith("experts/")]
+    if len(experts) < 2:
+        return []
+    n = len(models[experts[0]])
+    return [{**max((models[m][i] for m in experts), key=lambda r: r["worst_case"]),
+             "expert": max(experts, key=lambda m: models[m][i]["worst_case"])} for i in range(n)]
 
 
 def ablation_page(per_run: dict[str, PerRun], datasets: dict[str, str]) -> str:
     """reports/ablations.md: DWF against each evaluated ablation of itself, paired by run."""
     lines = ["# Ablations: what in DWF makes it robust", "",
-             "Written by `dwf aggregate` from the metrics. Each row keeps DWF's trained weights and",
-             "changes one thing; DWF − row: mean of per-run differences (runs paired), its 95%",
-             "interval and the paired t-test's p. Worst case as in reports/verdict.md.", ""]
+             "Written by `dwf aggregate` from the metrics. Each row changes one thing of DWF: its",
+             "routing at inference on DWF's trained weights (uniform, top-1), its training (frozen",
+             "experts, no pretraining, fixed attack strengths: same experts and seeds), or its",
+             "experts (fewer, PGD only). DWF − row: mean of per-run differences (runs paired), its",
+             "95% interval and the paired t-test's p. Worst case as in reports/verdict.md. The best",
+             "single expert is picked per run on the test digits themselves: an upper bound.", ""]
     shown = False
     for d, models in per_run.items():
-        rows = [m for m in ABLATIONS if m in models]
+        rows = {m: models[m] for m in ABLATIONS if m in models}
+        if best := best_expert(models):
+            rows[BEST_EXPERT] = best
         if "dwf" not in models or not rows:
             continue
         shown = True
         dwf = models["dwf"]
+        cost = _mean(dwf, "train_tmacs") if "train_tmacs" in dwf[0] else None
+
+        def costs(runs: list[dict[str, Any]]) -> str:
+            if cost is None or any("train_tmacs" not in r for r in runs):
+                return ""
+            return f"{_mean(runs, 'train_tmacs') / cost:.2f}"
+
         lines += [f"## {datasets.get(d, d)}", "",
-                  "| model | runs | clean | worst case | DWF − it, worst case | what that says |",
-                  "|---|---|---|---|---|---|",
-                  f"| {label('dwf')} | {len(dwf)} | {_mean(dwf, 'clean'):.2f} | "
+                  "| model | runs | × DWF's training cost | clean | worst case | DWF − it, worst case "
+                  "| what that says |", "|---|---|---|---|---|---|---|",
+                  f"| {label('dwf')} | {len(dwf)} | {costs(dwf)} | {_mean(dwf, 'clean'):.2f} | "
                   f"{_mean(dwf, 'worst_case'):.2f} | | |"]
-        for m in rows:
-            runs = models[m]
+        for m, runs in rows.items():
             t = paired([r["worst_case"] for r in dwf], [r["worst_case"] for r in runs])
             interval = "" if t["n"] < 2 else f" ± {t['ci95']:.2f} (p = {t['p']:.3g})"
-            lines.append(f"| {label(m)} | {len(runs)} | {_mean(runs, 'clean'):.2f} | "
+            name = label(m) if m != BEST_EXPERT else (
+                "DWF's best single expert (per run: " + ", ".join(r["expert"].split("/")[1] for r in runs) + ")")
+            lines.append(f"| {name} | {len(runs)} | {costs(runs)} | {_mean(runs, 'clean'):.2f} | "
                          f"{_mean(runs, 'worst_case'):.2f} | {t['diff']:+.2f}{interval} | {_outcome(t)} |")
         lines.append("")
     if not shown:
         lines.append("No ablation was evaluated: list " + ", ".join(ABLATIONS) + " in `evaluate_models` "
-                     "(and their routings in `routings`).")
+                     "(and their names in `routings` and `ablations`), or two or more `experts/<name>`.")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +228,8 @@ def figure(summary: dict[str, dict[str, dict[str, float]]], per_run: PerRun, pat
         pts = []
         for m in models:
             x, s = summary[m][key]["mean"], summary[m]["worst_case"]
-            ax.errorbar(x, s["mean"], yerr=s["ci95"], marker="*" if m == "dwf" else "o",
+            ax.errorbar(x, s["mean"], yerr=s["ci95"],
+                        marker="*" if m == "dwf" else "D" if own(m) else "o",  # DWF, its variants
                         markersize=12 if m == "dwf" else 6, capsize=3, label=label(m))
             pts.append((x, s["mean"]))
         fx, fy = zip(*front(pts))

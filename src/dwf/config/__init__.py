@@ -5,15 +5,15 @@ params (the file and its loading).
 """
 
 from dwf.config.base import EXPERT_KINDS, EXPERT_NAME, MODEL_NAME, NAME, ConfigError, check_name, choice
-from dwf.config.defenses import DEFENSES, ROUTING_NAMES, Baselines, Defense, arch_kwargs
+from dwf.config.defenses import ABLATION_NAMES, DEFENSES, ROUTING_NAMES, Baselines, Defense, arch_kwargs
 from dwf.config.evaluate import AUTOATTACK_VERSIONS, EvalConfig
 from dwf.config.params import (DATASETS, NORMALIZATIONS, Params, Profile, expert_kind, load_params,
                                parse_params)
-from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoEConfig,
+from dwf.config.train import (BN_MODES, PRECISIONS, ROUTER_OBJECTIVES, ADVMoEConfig, Ablation,
                               AdvTrainConfig, SoEConfig, TradesConfig, TrainConfig,
                               WideAdvTrainConfig, WideTradesConfig, ZooConfig)
 
-__all__ = ["ADVMoEConfig", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
+__all__ = ["ABLATION_NAMES", "ADVMoEConfig", "Ablation", "AUTOATTACK_VERSIONS", "AdvTrainConfig", "BN_MODES", "Baselines",
            "ConfigError", "DATASETS", "DEFENSES", "Defense", "EXPERT_KINDS", "EXPERT_NAME", "EvalConfig", "MODEL_NAME", "NAME",
            "NORMALIZATIONS", "PRECISIONS", "Params", "Profile", "ROUTER_OBJECTIVES", "ROUTING_NAMES", "SoEConfig",
            "TradesConfig", "TrainConfig", "WideAdvTrainConfig", "WideTradesConfig", "ZooConfig",

@@ -109,9 +109,20 @@ ROUTING_LABELS = {"uniform": "DWF, its experts' uniform average (no gate)",
                   "top1": "DWF, top-1 routing by its gate"}
 ROUTING_NAMES = tuple(ROUTING_LABELS)
 
+# DWF trained another way (issue 22, ablations (b) and (c)): params `ablations`, models
+# `dwf_<name>` (dwf train-joint --ablation); what each changes is set per dataset in
+# `<dataset>.ablations.<name>` (config.train.Ablation), these are their names in tables
+ABLATION_LABELS = {"frozen_experts": "DWF, experts frozen (only its gate trained jointly)",
+                   "no_pretraining": "DWF, joint training from scratch (no pretraining)",
+                   "fixed_strengths": "DWF, fixed attack strengths in joint training",
+                   "pgd_experts": "DWF of its four PGD experts only",
+                   "five_experts": "DWF of five experts (benign, 2 FGSM, 2 PGD)"}
+ABLATION_NAMES = tuple(ABLATION_LABELS)
+
 # the models that are not rows of the registry
 MODEL_LABELS = {"dwf": "DWF (ours)", "experts/benign": "ResNet-18 (benign expert)",
-                **{f"dwf_{r}": text for r, text in ROUTING_LABELS.items()}}
+                **{f"dwf_{r}": text for r, text in ROUTING_LABELS.items()},
+                **{f"dwf_{a}": text for a, text in ABLATION_LABELS.items()}}
 
 
 def label(model: str) -> str:

@@ -19,9 +19,9 @@ import yaml
 
 from dwf.config.base import (EXPERT_NAME, MAX_WIDTH, MODEL_NAME, ConfigError, at_most,
                              check, check_name, choice, nonempty, positive)
-from dwf.config.defenses import DEFENSES, ROUTING_NAMES, Baselines
+from dwf.config.defenses import ABLATION_NAMES, DEFENSES, ROUTING_NAMES, Baselines
 from dwf.config.evaluate import EvalConfig
-from dwf.config.train import TrainConfig
+from dwf.config.train import Ablation, TrainConfig
 from dwf.data import SHAPE
 
 DATASETS = ("cifar10", "svhn", "digits")
@@ -42,8 +42,11 @@ class Profile:
     crop_padding: int = 4            # random-crop padding in pixels
     router_hidden: tuple[int, ...] = (1024, 512, 128)
     baselines: Baselines = field(default_factory=Baselines)
+    ablations: dict[str, Ablation] = field(default_factory=dict)  # by name in ABLATION_NAMES
 
     def __post_init__(self):
+        for name in self.ablations:
+            choice(name, "ablations", ABLATION_NAMES)
         positive(self, "width")
         at_most(self, MAX_WIDTH, "width")
         check(self.crop_padding >= 0, "crop_padding", "an integer >= 0")  # upper bound: Params
@@ -65,6 +68,9 @@ class Params:
     baselines: tuple[str, ...] = ()  # systems the pipeline trains per dataset and run (Tables 2-3)
     # DWF's trained mixture under other routing decisions (dwf reroute), models dwf_<routing>
     routings: tuple[str, ...] = ()
+    # DWF trained another way (dwf train-joint --ablation), models dwf_<ablation>; each with
+    # its settings in every dataset's `ablations:` section
+    ablations: tuple[str, ...] = ()
     evaluate_models: tuple[str, ...] = ("dwf",)  # checkpoints the pipeline evaluates per run
     data_root: str = "data"
     # intra-op threads of CPU kernels: a float sum's order, hence a CPU result, depends on it,
@@ -91,8 +97,12 @@ class Params:
                 self.profiles[d].baselines.get(b)  # every trained baseline needs its settings
         for r in self.routings:
             choice(r, "routings", ROUTING_NAMES)
+        for a in self.ablations:
+            choice(a, "ablations", ABLATION_NAMES)
+            for d in self.datasets:
+                self.ablation(d, a)  # its settings exist and name listed experts only
         models = ("dwf", *(f"experts/{e}" for e in self.experts), *self.baselines,
-                  *(f"dwf_{r}" for r in self.routings))
+                  *(f"dwf_{r}" for r in self.routings), *(f"dwf_{a}" for a in self.ablations))
         for m in self.evaluate_models:
             check_name(m, "evaluate_models", MODEL_NAME)
             choice(m, "evaluate_models", models)
@@ -104,6 +114,18 @@ class Params:
         if dataset not in self.profiles:
             raise ConfigError(f"dataset: no section '{dataset}:' in params")
         return self.profiles[dataset]
+
+
+    def ablation(self, dataset: str, name: str) -> tuple[Ablation, tuple[str, ...]]:
+        """Ablation `name`'s settings on `dataset` and the experts its mixture holds."""
+        prof = self.profile(dataset)
+        choice(name, "ablations", ABLATION_NAMES)
+        if name not in prof.ablations:
+            raise ConfigError(f"{dataset}.ablations.{name}: no settings for this ablation")
+        ab = prof.ablations[name]
+        for e in ab.experts:
+            choice(e, f"{dataset}.ablations.{name}.experts", self.experts)
+        return ab, ab.experts or self.experts
 
 
 def _check_crop(dataset: str, padding: int) -> None:
@@ -225,7 +247,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         return _coerce(value, inner[0], key)  # Optional[X]: validated as X
     if origin is dict:
-        return value
+        inner = typing.get_args(hint)[-1] if typing.get_args(hint) else None
+        if not dataclasses.is_dataclass(inner) or (  # parse_params builds `profiles` itself
+                isinstance(value, dict) and all(isinstance(v, inner) for v in value.values())):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _build(inner, v, f"{key}.{k}.") for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

@@ -7,7 +7,9 @@ evaluation option never retrains.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from dwf.config.base import (MAX_BATCH, MAX_EPOCHS, MAX_LOSS_WEIGHT, MAX_LR, MAX_MEMBERS, MAX_STEPS,
                              MAX_WIDTH, at_most, check, choice, in_unit, nonempty, positive)
@@ -52,6 +54,32 @@ class TrainConfig:
             check(1 <= s <= MAX_STEPS, "pgd_steps", f"values in [1, {MAX_STEPS}], got {s}")
         choice(self.attack_bn, "attack_bn", BN_MODES)
         choice(self.precision, "precision", PRECISIONS)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """DWF trained another way (issue 22, ablations (b), (c)): what differs from Algorithm 3
+    on the nine pretrained experts. A field left at its default keeps DWF's own recipe."""
+
+    experts: tuple[str, ...] = ()       # the experts mixed, a subset of `experts`; empty: all
+    pretrained: bool = True             # False: the experts start from a random initialization
+    train_experts: bool = True          # False: frozen as pretrained; only the gate learns
+    epochs: Optional[int] = None        # the joint phase's epochs; None: joint's own
+    fgsm_eps: tuple[float, ...] = ()    # the joint phase's FGSM eps draws; empty: joint's own
+    pgd_steps: tuple[int, ...] = ()     # the joint phase's PGD iteration draws; empty: joint's own
+
+    def __post_init__(self):
+        check(self.pretrained or self.train_experts, "train_experts",
+              "true when pretrained is false (random experts, frozen, would never learn)")
+        check(len(set(self.experts)) == len(self.experts), "experts", "unique names")
+        if self.epochs is not None:
+            positive(self, "epochs")
+
+    def joint(self, cfg: TrainConfig) -> TrainConfig:
+        """The joint phase's settings under this ablation (validated as any TrainConfig)."""
+        changed = {"epochs": self.epochs, "fgsm_eps": self.fgsm_eps or None,
+                   "pgd_steps": self.pgd_steps or None}
+        return dataclasses.replace(cfg, **{k: v for k, v in changed.items() if v is not None})
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,13 @@ def train_expert(kind: str, x: torch.Tensor, y: torch.Tensor, *, cfg: TrainConfi
 
 
 def build_mixture(expert_paths: Sequence[Path], *, router_hidden: Sequence[int], seed: int,
-                  dataset: str) -> tuple[models.SoftMoE, dict[str, Any], dict[str, str]]:
+                  dataset: str, pretrained: bool = True
+                  ) -> tuple[models.SoftMoE, dict[str, Any], dict[str, str]]:
     """The paper's SoftMoE from pretrained experts and a freshly initialized router.
 
+    Args:
+        pretrained: False (an ablation): the experts keep the random initialization drawn with
+            the router's; their files give only the architecture.
     Returns:
         the mixture, its architecture arguments, and the sha256 of each expert file by name
         (of the bytes its weights were loaded from).
@@ -127,24 +131,54 @@ def build_mixture(expert_paths: Sequence[Path], *, router_hidden: Sequence[int],
             raise checkpoint.CheckpointError(f"{p}: trained on {c.get('dataset')!r}, not {dataset!r}")
     arch_kwargs = {"n_experts": len(ckpts), "expert": kwargs, "router_hidden": tuple(router_hidden),
                    "input_shape": data.SHAPE[dataset]}
-    torch.manual_seed(seed)  # the router's initialization
+    torch.manual_seed(seed)  # the router's initialization (and the experts', when not pretrained)
     moe = models.build("softmoe", **arch_kwargs)
-    for expert, p, c in zip(moe.experts, expert_paths, ckpts):
+    for expert, p, c in zip(moe.experts if pretrained else (), expert_paths, ckpts):
         expert.load_state_dict(checkpoint.model_from(c, p).state_dict())
     return moe, arch_kwargs, {Path(p).name: d for p, d in zip(expert_paths, digests)}
+
+
+class GateOnly(nn.Module):
+    """The mixture with its experts frozen as pretrained (an ablation: no joint phase for
+    them): their weights take no step and their BatchNorm stays in eval mode, on its running
+    statistics, whatever mode training asks for; only the router learns. Attacks still craft
+    through the whole mixture (input gradients flow through frozen experts)."""
+
+    def __init__(self, moe: models.SoftMoE):
+        super().__init__()
+        self.moe = moe
+        moe.experts.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "GateOnly":
+        super().train(mode)
+        self.moe.experts.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)
 
 
 def train_joint(expert_paths: Sequence[Path], x: torch.Tensor, y: torch.Tensor, *,
                 cfg: TrainConfig, router_hidden: Sequence[int], dataset: str, seed: int,
                 flip: bool, crop_padding: int, out: Path, device: torch.device,
-                progress: bool = True) -> list[dict]:
-    """Alg. 3: the experts, unfrozen, and a fresh router trained end to end on mixed batches."""
+                progress: bool = True, pretrained: bool = True, train_experts: bool = True,
+                defense: str = "dwf") -> list[dict]:
+    """Alg. 3: the experts, unfrozen, and a fresh router trained end to end on mixed batches.
+
+    Args:
+        pretrained, train_experts: False for the ablations that start the experts from a
+            random initialization, or keep them frozen (GateOnly); cfg carries the others'.
+        defense: the name the checkpoint records (dwf, or dwf_<ablation>).
+    """
     moe, arch_kwargs, digests = build_mixture(expert_paths, router_hidden=router_hidden,
-                                              seed=seed, dataset=dataset)
+                                              seed=seed, dataset=dataset, pretrained=pretrained)
     moe = moe.to(device)
-    meta = {"arch": "softmoe", "arch_kwargs": arch_kwargs, "dataset": dataset, "defense": "dwf",
+    trained = moe if train_experts else GateOnly(moe)
+    meta = {"arch": "softmoe", "arch_kwargs": arch_kwargs, "dataset": dataset, "defense": defense,
             "experts": [str(p) for p in expert_paths]}
-    history = fit(moe, joint_batch, x, y, cfg=cfg, seed=seed, flip=flip,
+    if not (pretrained and train_experts):  # in the fingerprint and the checkpoint
+        meta["ablation"] = {"pretrained": pretrained, "train_experts": train_experts}
+    history = fit(trained, joint_batch, x, y, cfg=cfg, seed=seed, flip=flip,
                   crop_padding=crop_padding, resume_path=resume_path(out), meta=meta,
                   device=device, progress=progress, desc=f"{out.stem} (joint)", inputs=digests)
     finish_stage(out, moe, meta, cfg, seed, history)
