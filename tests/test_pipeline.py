@@ -415,5 +415,6 @@ def test_snakemake_plans_what_dvc_calls_stale(tmp_path):
     with open(repo / "src" / "dwf" / "models" / "resnet.py", "a") as f:  # inside a folder dep
         f.write("# a comment\n")
     stale = dvc_stale(repo)
-    assert {s.split("@")[0] for s in stale} == {"expert", "joint", "reroute", "baseline", "evaluate", "forensics"}
+    assert {s.split("@")[0] for s in stale} == {"expert", "joint", "ablation", "reroute", "baseline", "evaluate",
+                                              "forensics"}
     assert snakemake_jobs(repo) == downstream(stages, stale)

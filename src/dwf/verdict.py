@@ -222,14 +222,15 @@ def figure(summary: dict[str, dict[str, dict[str, float]]], per_run: PerRun, pat
     import matplotlib.pyplot as plt
 
     models = [m for m in costed(per_run) if "worst_case" in summary.get(m, {})]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), dpi=120)
+    colors = plt.get_cmap("tab20").colors  # some 30 systems: 20 colours x 3 markers stay apart
     for ax, key, xlabel in zip(axes, ("train_tmacs", "params_m"),
                                ("training cost (TMAC, log)", "parameters (M, log)")):
         pts = []
-        for m in models:
+        for i, m in enumerate(models):
             x, s = summary[m][key]["mean"], summary[m]["worst_case"]
-            ax.errorbar(x, s["mean"], yerr=s["ci95"],
-                        marker="*" if m == "dwf" else "D" if own(m) else "o",  # DWF, its variants
+            ax.errorbar(x, s["mean"], yerr=s["ci95"], color=colors[i % len(colors)],
+                        marker="*" if m == "dwf" else "D" if own(m) else "o",  # DWF, its parts
                         markersize=12 if m == "dwf" else 6, capsize=3, label=label(m))
             pts.append((x, s["mean"]))
         fx, fy = zip(*front(pts))
@@ -240,8 +241,9 @@ def figure(summary: dict[str, dict[str, dict[str, float]]], per_run: PerRun, pat
         ax.grid(alpha=0.3)
     axes[0].set_title(f"{title}: robustness against training cost")
     axes[1].set_title("against parameters")
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.8, 0.5))
+    fig.tight_layout(rect=(0, 0, 0.8, 1))  # the legend to the right of both panels
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})  # no version stamp: byte-identical reruns
     plt.close(fig)
